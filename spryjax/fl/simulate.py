@@ -14,8 +14,9 @@ Execution strategies (`strategy=`):
     "chunked"  sequential chunks of `client_chunk_size` vmapped clients inside one jit (`lax.scan`), the aggregate
                accumulated across chunks: memory ∝ chunk size, so 4096 clients per round fit. Chunk size 1 is a
                sequential scan over clients.
-    "loop"     a Python loop calling one jitted client_update per client (fedjax's `for_each_client` style):
-               no per-client weight copies, no grouped convolutions, one dispatch per client.
+    "loop"     a Python loop over clients (fedjax's `for_each_client` style): one jitted client_update per client,
+               or, for algorithms with `eager_clients`, one jitted step per local minibatch (faster on CPU);
+               no per-client weight copies, no grouped convolutions.
     "auto"     "loop" on CPU when one client's step is large (≥ `AUTO_LOOP_FLOPS`), else "chunked" with a chunk of
                16 × devices clients; on GPU/TPU "chunked" sized from device memory. See
                scripts/bench_throughput.py for the measurements behind this rule.
@@ -157,7 +158,7 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
     """round(state, frozen, data, counts, round_key) -> (state, metrics).
 
     vmap/chunked: `round_function` jitted, the state donated.
-    loop: data {name: [C, P, ...]} host arrays, counts [C]; one jitted client_update call per client.
+    loop: data {name: [C, P, ...]} host arrays, counts [C]; a host loop over the clients.
     """
     if plan.strategy == "loop":
         return _build_loop_round(algorithm)
@@ -169,7 +170,8 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
 
 
 def _build_loop_round(algorithm: FederatedAlgorithm) -> Callable:
-    client = jax.jit(algorithm.client_update)
+    # eager_clients: client_update runs un-jitted and its local training dispatches one jitted step per batch
+    client = algorithm.client_update if algorithm.eager_clients else jax.jit(algorithm.client_update)
     add = jax.jit(lambda acc, out, n: accumulate(acc, jax.tree.map(lambda x: x[None], out), n[None]))
     first = jax.jit(lambda out, n: accumulate(None, jax.tree.map(lambda x: x[None], out), n[None]))
     broadcast = jax.jit(algorithm.broadcast)

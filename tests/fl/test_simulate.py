@@ -108,3 +108,35 @@ def test_plan_round():
     assert simulate.plan_round("auto", 1000, 1, step_flops=1e5, backend="cpu").strategy == "chunked"
     with pytest.raises(InputError, match="strategy"):
         simulate.plan_round("threads", 10, 1)
+
+
+def test_eager_local_training_equals_the_compiled_scan(problem):
+    """Called eagerly, local_training dispatches one jitted step per real batch; it must equal the traced lax.scan
+    (two epochs, a count that leaves padding batches, a Spry-style per-client tensor mask bound by
+    functools.partial), and per-client masks must not recompile the step."""
+    import functools
+    from spryjax import fwdgrad
+    from spryjax.fl import algorithm
+    task, params, frozen, train, _ = problem
+    client = train.client(0)
+    data = {k: np.concatenate([v, v[:9]]) for k, v in client.items()}   # 9 padding rows
+    count = np.int32(len(client["label"]))
+    optimizer = optax.adam(1e-2)   # built once, as algorithms do: it is part of the step's compilation key
+
+    def train_client(leaf_on, key, eager):
+        leaves, structure = jax.tree.flatten(params)
+        mask = jax.tree.unflatten(structure, [jnp.bool_(i == 0 or leaf_on) for i in range(len(leaves))])
+        options = dict(optimizer=optimizer, batch_size=4, epochs=2, update_mask=mask,
+                       gradient_fn=functools.partial(fwdgrad.forward_grad, num_tangents=2, mask=mask))
+        fn = lambda p, d, c, k: algorithm.local_training(task, p, frozen, d, c, k, **options)
+        return fn(params, data, count, key) if eager else jax.jit(fn)(params, data, count, key)
+
+    for leaf_on, seed in ((True, 0), (False, 1)):
+        (eager, eager_metrics), (traced, traced_metrics) = (train_client(leaf_on, jax.random.key(seed), e)
+                                                            for e in (True, False))
+        np.testing.assert_allclose(flat(eager), flat(traced), rtol=1e-5, atol=1e-6)
+        assert float(eager_metrics["steps"]) == float(traced_metrics["steps"]) == 2 * -(-int(count) // 4)
+        np.testing.assert_allclose(eager_metrics["loss"], traced_metrics["loss"], rtol=1e-5)
+        if leaf_on:
+            compiled = algorithm._dispatched_step._cache_size()
+    assert algorithm._dispatched_step._cache_size() == compiled

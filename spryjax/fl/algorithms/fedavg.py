@@ -33,4 +33,5 @@ def fedavg(task: Task, *, client_optimizer: optax.GradientTransformation,
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_global(task, batch_size=eval_batch_size), communication=full_model_communication)
+        evaluate_client=evaluate_global(task, batch_size=eval_batch_size), communication=full_model_communication,
+        eager_clients=not proximal_mu)  # FedProx's loss is a per-client closure

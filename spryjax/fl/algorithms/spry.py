@@ -131,4 +131,5 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=communication_bytes)
+        evaluate_client=evaluate_client, communication=communication_bytes,
+        eager_clients=communication == "per_epoch")
