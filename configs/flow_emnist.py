@@ -3,11 +3,10 @@ the paper's routed CNN (conv 32 → 64, dense 128, policy 784 → 350 → 150 �
 1,500 rounds, 3 local epochs, batch 20, SGD lr 0.01 with momentum 0.9, λ = 0.01, FedAvg on the server.
 
 Run:  python -m spryjax.main --config=configs/flow_emnist.py --workdir=runs/flow_emnist
-      (reads fed_emnist_{train,test}.h5 from the cache, downloading TFF's archive when online; or set
-      --config.data.path=FOLDER)
+      (reads fed_emnist_{train,test}.h5 from the cache, downloading TFF's archive when online)
 Expect: not run here (no network, no accelerator). The paper reports Flow's personalized accuracy above FedAvg,
-FedAvg+FT, APFL, Ditto, FedRep, LG-FedAvg, HypCluster and kNN-Per on this task; swap config.algorithm.name for
-those (config.model.routed stays True) to compare on the same data. A GPU or TPU is advised: the evaluation
+FedAvg+FT, APFL, Ditto, FedRep, LG-FedAvg, HypCluster and kNN-Per on this task; experiments/flow_table.py
+runs Flow and every baseline on one routed model, data and optimizer (on the offline tasks). A GPU or TPU is advised: the evaluation
 personalizes every evaluated client.
 """
 import ml_collections

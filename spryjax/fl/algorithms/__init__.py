@@ -1,1 +1,1 @@
-"""One file per federated algorithm; `ALGORITHMS` in spryjax/fl/registry.py maps config names to factories."""
+"""One file per federated algorithm; `ALGORITHMS` in spryjax/build.py maps config names to factories."""
