@@ -7,17 +7,14 @@ measured figure and the calibration numbers).
 """
 import ml_collections
 
+from configs import rt_minilm_sections
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.experiment = "central"
     config.seed = 0
-    config.data = ml_collections.ConfigDict({
-        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64, "test_fraction": 0.2})
-    config.model = ml_collections.ConfigDict({
-        "name": "text_classifier", "path": "minilm", "dtype": "float32", "head": "mean",
-        "peft": {"method": "lora", "rank": 1, "alpha": 1.0, "dropout": 0.0, "target_modules": ("query", "value"),
-                 "train_head": True}})
+    config.data, config.model = rt_minilm_sections()
     config.optimizer = ml_collections.ConfigDict({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0})
     config.train = ml_collections.ConfigDict({"epochs": 2, "batch_size": 32})
     return config

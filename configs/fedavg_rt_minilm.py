@@ -10,18 +10,15 @@ the run and re-running the command resumes it.
 """
 import ml_collections
 
+from configs import rt_minilm_sections
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.experiment = "federated"
     config.seed = 0
     config.num_rounds = 50
-    config.data = ml_collections.ConfigDict({
-        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64, "test_fraction": 0.2})
-    config.model = ml_collections.ConfigDict({
-        "name": "text_classifier", "path": "minilm", "dtype": "float32", "head": "mean",
-        "peft": {"method": "lora", "rank": 1, "alpha": 1.0, "dropout": 0.0, "target_modules": ("query", "value"),
-                 "train_head": True}})
+    config.data, config.model = rt_minilm_sections()
     config.algorithm = ml_collections.ConfigDict({
         "name": "fedavg", "batch_size": 8, "local_epochs": 1, "eval_batch_size": 64,
         "client_optimizer": {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0},

@@ -13,6 +13,8 @@ Sweep: every method × α ∈ {0.1, 1.0} × 3 seeds (get_sweep; with :METHOD, th
 """
 import ml_collections
 
+from configs import rt_minilm_sections
+
 from spryjax.launch.sweep import product
 
 # method -> overrides of the algorithm section (the Spry paper's settings where it gives them)
@@ -42,12 +44,7 @@ def get_config(method: str = "spry") -> ml_collections.ConfigDict:
     config.method = method
     config.seed = 0
     config.num_rounds = 300
-    config.data = ml_collections.ConfigDict({
-        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64, "test_fraction": 0.2})
-    config.model = ml_collections.ConfigDict({
-        "name": "text_classifier", "path": "minilm", "dtype": "float32", "head": "mean",
-        "peft": {"method": "lora", "rank": 1, "alpha": 1.0, "dropout": 0.0, "target_modules": ("query", "value"),
-                 "train_head": True}})
+    config.data, config.model = rt_minilm_sections()
     algorithm = {
         "name": "spry", "batch_size": 8, "local_epochs": 1, "eval_batch_size": 64,
         "num_tangents": 1, "tangent_chunk_size": 0, "tensors_per_chunk": 2, "share_head": False,

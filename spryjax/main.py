@@ -60,7 +60,18 @@ def explain_flag_error(exc: Exception, argv: list[str]) -> str:
     return text
 
 
+def make_configs_importable(argv: list[str]) -> None:
+    """Config files may import their siblings (`from configs import spry_rt_minilm`): the folder holding the
+    config's folder goes on sys.path, so that works from any working directory."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            folder = os.path.dirname(os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0])))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+    make_configs_importable(argv)
     try:
         rest = FLAGS(argv)
         if FLAGS.config is None:

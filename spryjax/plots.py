@@ -30,10 +30,7 @@ def curves(runs: dict[str, list[dict]], path: str, *, metric: str = "generalized
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bars(values: dict[str, float], path: str, *, ylabel: str, title: str = "") -> str:
@@ -45,10 +42,7 @@ def bars(values: dict[str, float], path: str, *, ylabel: str, title: str = "") -
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def scatter(points: dict[str, tuple[float, float]], path: str, *, xlabel: str, ylabel: str, title: str = "") -> str:
@@ -63,10 +57,7 @@ def scatter(points: dict[str, tuple[float, float]], path: str, *, xlabel: str, y
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def stacked_bars(rows: list[dict], path: str, *, parts: Sequence[str], group: str = "shape",
@@ -86,6 +77,10 @@ def stacked_bars(rows: list[dict], path: str, *, parts: Sequence[str], group: st
         ax.set_ylabel(ylabel)
         ax.tick_params(axis="x", labelrotation=45)
     axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -149,9 +149,10 @@ def select(members: list[Member], names: Iterable[str]) -> list[Member]:
 def load_config(config_spec: str, cli_overrides: list[str] = ()) -> ConfigDict:
     """get_config(arg) of `config_spec` with `--config.key=value` strings applied, exactly as spryjax.main parses
     them (same types, same one-line errors)."""
-    from spryjax.main import explain_flag_error  # the CLI's own wording
+    from spryjax.main import explain_flag_error, make_configs_importable  # the CLI's own wording and paths
     values = flags.FlagValues()
     argv = ["spryjax", f"--config={config_spec}", *cli_overrides]
+    make_configs_importable(argv)
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
     try:
         values(argv)
