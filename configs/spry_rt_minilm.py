@@ -3,7 +3,7 @@ Rotten Tomatoes snippets dealt to 100 equal-size Dirichlet(α) clients (100 snip
 10 clients per round, batch 8, sequence length 64 (padding trimmed per cohort), one local epoch.
 
 Run:  python -m spryjax.main --config=configs/spry_rt_minilm.py:METHOD [--config.fl.alpha=0.1]
-METHOD ∈ spry, spry_k10, spry_per_iteration, fedavg, fedyogi, fedsgd, fedavg_split, fedfgd, fedmezo, baffle, fwdllm
+METHOD ∈ spry, spry_shared_head, spry_k10, spry_per_iteration, fedavg, fedyogi, fedsgd, fedavg_split, fedfgd, fedmezo, baffle, fwdllm
 (default spry). experiments/spry_table.py runs them all; the README has the measured table. Reference points on
 this task: always predicting "fresh" scores ~0.58, a logistic probe on frozen mean-pooled features ~0.76.
 
@@ -20,6 +20,8 @@ from spryjax.launch.sweep import product
 # method -> overrides of the algorithm section (the Spry paper's settings where it gives them)
 METHODS = {
     "spry": {"name": "spry", "num_tangents": 1, "server_optimizer": {"name": "flower_yogi"}},
+    "spry_shared_head": {"name": "spry", "num_tangents": 1, "share_head": True,
+                         "server_optimizer": {"name": "flower_yogi"}},
     "spry_k10": {"name": "spry", "num_tangents": 10, "server_optimizer": {"name": "flower_yogi"}},
     "spry_per_iteration": {"name": "spry", "num_tangents": 1, "communication": "per_iteration",
                            "server_optimizer": {"name": "flower_yogi"}},

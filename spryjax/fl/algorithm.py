@@ -252,8 +252,9 @@ def _split_partial(fn: Callable) -> tuple[Callable, tuple, dict]:
     mask this way); (fn, (), {}) for anything else."""
     if not isinstance(fn, functools.partial) or fn.args:
         return fn, (), {}
-    static = tuple(sorted((k, v) for k, v in fn.keywords.items() if isinstance(v, (bool, int, float, str, type(None)))))
-    return fn.func, static, {k: v for k, v in fn.keywords.items() if k not in dict(static)}
+    hashable = (bool, int, float, str, type(None))
+    static = tuple(sorted((k, v) for k, v in fn.keywords.items() if isinstance(v, hashable)))
+    return fn.func, static, {k: v for k, v in fn.keywords.items() if not isinstance(v, hashable)}
 
 
 def _dispatched_training(params, frozen, data, count, key, *, capacity, batch_size, epochs, max_steps,
