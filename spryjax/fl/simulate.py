@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -59,7 +60,7 @@ class Diverged(RuntimeError):
 
 class RoundPlan(NamedTuple):
     strategy: str        # "vmap", "chunked" or "loop"
-    chunk: int           # clients vmapped together (a multiple of the device count)
+    chunk: int           # clients vmapped together (a multiple of the device count); loop: clients in flight
     num_chunks: int      # sequential chunks per round; chunk × num_chunks ≥ cohort size (the rest is padding)
 
 
@@ -76,7 +77,8 @@ def plan_round(strategy: str, cohort_size: int, num_devices: int, *, client_chun
             strategy = "chunked"
             client_chunk_size = client_chunk_size or 16 * num_devices
     if strategy == "loop":
-        return RoundPlan("loop", 1, cohort_size)
+        in_flight = min(client_chunk_size or 1, cohort_size)
+        return RoundPlan("loop", in_flight, -(-cohort_size // in_flight))
     chunk = cohort_size if strategy == "vmap" else min(client_chunk_size or cohort_size, cohort_size)
     chunk = -(-chunk // num_devices) * num_devices
     return RoundPlan(strategy, chunk, -(-cohort_size // chunk))
@@ -161,7 +163,7 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
     loop: data {name: [C, P, ...]} host arrays, counts [C]; a host loop over the clients.
     """
     if plan.strategy == "loop":
-        return _build_loop_round(algorithm)
+        return _build_loop_round(algorithm, plan.chunk)
     round_fn = round_function(algorithm, plan, unroll=unroll)
     if mesh is None:
         return jax.jit(round_fn, donate_argnums=0)
@@ -169,23 +171,38 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
     return jax.jit(round_fn, out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def _build_loop_round(algorithm: FederatedAlgorithm) -> Callable:
+def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1) -> Callable:
+    """The loop strategy. `in_flight` > 1 runs that many clients at once on host threads (JAX releases the GIL
+    while XLA computes); outputs are accumulated in slot order either way, so the sums are the same."""
     # eager_clients: client_update runs un-jitted and its local training dispatches one jitted step per batch
     client = algorithm.client_update if algorithm.eager_clients else jax.jit(algorithm.client_update)
     add = jax.jit(lambda acc, out, n: accumulate(acc, jax.tree.map(lambda x: x[None], out), n[None]))
     first = jax.jit(lambda out, n: accumulate(None, jax.tree.map(lambda x: x[None], out), n[None]))
     broadcast = jax.jit(algorithm.broadcast)
     server = jax.jit(lambda state, acc: finish(algorithm, state, acc), donate_argnums=0)
+    pool = ThreadPoolExecutor(in_flight) if in_flight > 1 else None
 
     def round_fn(state, frozen, data, counts, round_key):
         b = broadcast(state)
+        run = lambda slot: client(frozen, b, {k: v[slot] for k, v in data.items()}, counts[slot], np.int32(slot),
+                                  jax.random.fold_in(round_key, slot))
+        outputs = map(run, range(len(counts))) if pool is None else _in_order(pool, run, len(counts), in_flight)
         acc = None
-        for slot in range(len(counts)):
-            out = client(frozen, b, {k: v[slot] for k, v in data.items()}, counts[slot], np.int32(slot),
-                         jax.random.fold_in(round_key, slot))
+        for slot, out in enumerate(outputs):
             acc = first(out, counts[slot]) if acc is None else add(acc, out, counts[slot])
         return server(state, acc)
     return round_fn
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable, n: int, window: int):
+    """fn(0), ..., fn(n − 1) computed on `pool` with at most `window` running ahead, yielded in order."""
+    pending = [pool.submit(fn, i) for i in range(min(window, n))]
+    for i in range(n):
+        result = pending[i].result()
+        if i + window < n:
+            pending.append(pool.submit(fn, i + window))
+        pending[i] = None
+        yield result
 
 
 def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int) -> Callable:

@@ -58,7 +58,8 @@ def test_round_equals_hand_written_fedavg(problem):
 
 
 def test_strategies_and_shardings_agree(problem):
-    """vmap (8 devices) == chunked (4 devices, 2 chunks) == vmap (1 device) == chunks of 1 == per-client loop."""
+    """vmap (8 devices) == chunked (4 devices, 2 chunks) == vmap (1 device) == chunks of 1 == per-client loop ==
+    the loop with clients on threads."""
     reference = run(problem, strategy="loop")
     assert reference.plan.strategy == "loop"
     variants = {
@@ -68,6 +69,7 @@ def test_strategies_and_shardings_agree(problem):
         "vmap, 1 device": run(problem, strategy="vmap", mesh=mesh_lib.client_mesh(jax.devices()[:1])),
         "sequential scan": run(problem, strategy="chunked", client_chunk_size=1,
                                mesh=mesh_lib.client_mesh(jax.devices()[:1])),
+        "loop, 3 clients in flight": run(problem, strategy="loop", client_chunk_size=3),
     }
     assert variants["chunked, 4 devices"].plan.num_chunks == 2 and variants["sequential scan"].plan.chunk == 1
     for name, result in variants.items():
