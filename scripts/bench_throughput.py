@@ -7,6 +7,7 @@ Workloads (FedAvg, client SGD lr 0.1, one local epoch, batch 10, clients of 50 e
 
     python scripts/bench_throughput.py [--models cnn,mlp] [--cohorts 10,100,1000,4096]
                                        [--strategies reference,loop,chunked:8,chunked:64,vmap,auto] [--json OUT]
+    (loop:N keeps N clients in flight on host threads; chunked:N vmaps N clients per chunk)
     python scripts/bench_throughput.py --peer-workload      # the peers' exact setting: 1000 clients, 50 per round
 
 Each configuration runs one untimed round (compilation) and then `--rounds` timed rounds (1 for cohorts ≥ 1000);
@@ -103,7 +104,7 @@ def measure(model: str, cohort: int, strategy: str, data, task, params, rounds: 
         plan = simulate.plan_round(name, cohort, 1, client_chunk_size=int(chunk) if chunk else None,
                                    step_flops=step.flops)
         row["strategy"] = strategy if name != "auto" else f"auto→{plan.strategy}" + (
-            f":{plan.chunk}" if plan.strategy == "chunked" else "")
+            f":{plan.chunk}" if plan.chunk > 1 else "")
         round_mesh = None if plan.strategy == "loop" else mesh
         round_fn = simulate.build_round(algorithm, plan, round_mesh, unroll=True)
         state = simulate.place(algorithm.init(params, None), round_mesh, clients_axis=None)

@@ -16,8 +16,10 @@ Execution strategies (`strategy=`):
                sequential scan over clients.
     "loop"     a Python loop over clients (fedjax's `for_each_client` style): one jitted client_update per client,
                or, for algorithms with `eager_clients`, one jitted step per local minibatch (faster on CPU);
-               no per-client weight copies, no grouped convolutions.
-    "auto"     "loop" on CPU when one client's step is large (≥ `AUTO_LOOP_FLOPS`), else "chunked" with a chunk of
+               `client_chunk_size` clients in flight on host threads; no per-client weight copies, no grouped
+               convolutions.
+    "auto"     "loop" on CPU when one client's step is large (≥ `AUTO_LOOP_FLOPS`), with one client in flight per
+               core (at most 8; 2 clients on 2 cores ran the CNN at 1.3× one), else "chunked" with a chunk of
                16 × devices clients; on GPU/TPU "chunked" sized from device memory. See
                scripts/bench_throughput.py for the measurements behind this rule.
 
@@ -29,6 +31,7 @@ A non-finite training loss stops the run (`Diverged`), keeping the last good che
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
@@ -73,6 +76,7 @@ def plan_round(strategy: str, cohort_size: int, num_devices: int, *, client_chun
     if strategy == "auto":
         if backend == "cpu" and num_devices == 1 and step_flops is not None and step_flops >= AUTO_LOOP_FLOPS:
             strategy = "loop"
+            client_chunk_size = client_chunk_size or min(os.cpu_count() or 1, 8)  # clients in flight
         else:
             strategy = "chunked"
             client_chunk_size = client_chunk_size or 16 * num_devices
