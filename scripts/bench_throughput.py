@@ -106,7 +106,7 @@ def measure(model: str, cohort: int, strategy: str, data, task, params, rounds: 
         row["strategy"] = strategy if name != "auto" else f"auto→{plan.strategy}" + (
             f":{plan.chunk}" if plan.chunk > 1 else "")
         round_mesh = None if plan.strategy == "loop" else mesh
-        round_fn = simulate.build_round(algorithm, plan, round_mesh, unroll=True)
+        round_fn = simulate.build_round(algorithm, plan, round_mesh)  # local steps unrolled, chunk scan rolled
         state = simulate.place(algorithm.init(params, None), round_mesh, clients_axis=None)
         frozen = simulate.place({}, round_mesh, clients_axis=None)
 
