@@ -79,7 +79,8 @@ def regression_task(predict_fn: Callable[..., jax.Array], *, label_key: str = "l
 
 
 def summarize(sums: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Turns summed evaluation outputs into metrics: loss (mean), accuracy, macro/weighted F1, MAE, correlation;
+    """Turns summed evaluation outputs into metrics: loss (mean), accuracy, macro/weighted/per-class F1 (from the
+    confusion matrix C[true, predicted]), MAE, correlation;
     any other scalar sum s is reported as s / count (a per-example mean or fraction)."""
     sums = {k: np.asarray(v, dtype=np.float64) for k, v in sums.items()}
     n = max(float(sums["count"]), 1.0)
@@ -98,6 +99,7 @@ def summarize(sums: dict[str, Any], prefix: str = "") -> dict[str, float]:
         present = support > 0
         out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
         out["weighted_f1"] = float((f1 * support).sum() / max(support.sum(), 1.0))
+        out.update({f"f1_class_{k}": float(v) for k, v in enumerate(f1)})
     if "abs_error" in sums:
         out["mae"] = float(sums["abs_error"]) / n
         cov = sums["pred_target"] / n - sums["pred"] * sums["target"] / n ** 2
