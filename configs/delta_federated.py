@@ -6,6 +6,8 @@ The same module as configs/delta_synthetic.py (centralized); swap model.name for
 """
 import ml_collections
 
+from configs import fl_section
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -19,9 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
         "client_optimizer": {"name": "adam", "learning_rate": 3e-3},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
-    config.fl = ml_collections.ConfigDict({
-        "partition": "natural", "num_clients": 0, "alpha": 0.0, "examples_per_client": 0, "equal_size": False,
-        "test_fraction": 0.2, "clients_per_round": 10, "strategy": "auto",
-        "client_chunk_size": 0, "eval_every": 10, "eval_clients": 0, "checkpoint_every": 10,
-    })
+    config.fl = fl_section(partition="natural", num_clients=0, equal_size=False)
     return config

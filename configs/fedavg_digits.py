@@ -5,6 +5,8 @@ Expect: generalized accuracy ~0.78 after 30 rounds, about 20 s on a 2-core CPU (
 """
 import ml_collections
 
+from configs import fl_section
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -18,9 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
         "client_optimizer": {"name": "sgd", "learning_rate": 0.1},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
-    config.fl = ml_collections.ConfigDict({
-        "partition": "dirichlet", "num_clients": 100, "alpha": 0.5, "examples_per_client": 0, "equal_size": True,
-        "test_fraction": 0.2, "clients_per_round": 10, "strategy": "auto",
-        "client_chunk_size": 0, "eval_every": 10, "eval_clients": 0, "checkpoint_every": 10,
-    })
+    config.fl = fl_section(alpha=0.5)
     return config

@@ -10,7 +10,7 @@ the run and re-running the command resumes it.
 """
 import ml_collections
 
-from configs import rt_minilm_sections
+from configs import fl_section, rt_minilm_sections
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,8 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
         "name": "fedavg", "batch_size": 8, "local_epochs": 1, "eval_batch_size": 64,
         "client_optimizer": {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0}})
-    config.fl = ml_collections.ConfigDict({
-        "partition": "natural", "num_clients": 100, "alpha": 1.0, "examples_per_client": 0, "equal_size": True,
-        "min_examples": 5, "max_examples_per_client": 32, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "auto", "client_chunk_size": 0, "eval_every": 5, "eval_clients": 0, "checkpoint_every": 5})
+    config.fl = fl_section(partition="natural", min_examples=5, max_examples_per_client=32, eval_every=5,
+                           checkpoint_every=5)
     return config

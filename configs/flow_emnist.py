@@ -11,6 +11,8 @@ personalizes every evaluated client.
 """
 import ml_collections
 
+from configs import fl_section
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -24,10 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
         "client_optimizer": {"name": "momentum", "learning_rate": 0.01, "momentum": 0.9},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
-    config.fl = ml_collections.ConfigDict({
-        # Writers are the clients; federate() pools each writer's TFF train and test examples and holds out 20%.
-        "partition": "natural", "num_clients": 3400, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "auto", "client_chunk_size": 0, "eval_every": 100, "eval_clients": 500,
-        "checkpoint_every": 100,
-    })
+    # Writers are the clients; federate() pools each writer's TFF train and test examples and holds out 20%.
+    config.fl = fl_section(partition="natural", num_clients=3400, eval_every=100, eval_clients=500,
+                           checkpoint_every=100)
     return config

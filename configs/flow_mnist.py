@@ -9,6 +9,8 @@ The table against the baselines is experiments/flow_table.py.
 """
 import ml_collections
 
+from configs import fl_section
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -27,9 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         "client_optimizer": {"name": "momentum", "learning_rate": 0.05, "momentum": 0.9},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
-    config.fl = ml_collections.ConfigDict({
-        # The dataset's clients ("client" key), each with 20% of its examples held out.
-        "partition": "natural", "num_clients": 50, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "loop", "client_chunk_size": 0, "eval_every": 20, "eval_clients": 0, "checkpoint_every": 20,
-    })
+    # The dataset's clients ("client" key), each with 20% of its examples held out.
+    config.fl = fl_section(partition="natural", num_clients=50, strategy="loop", eval_every=20,
+                           checkpoint_every=20)
     return config

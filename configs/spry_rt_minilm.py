@@ -13,7 +13,7 @@ Sweep: every method × α ∈ {0.1, 1.0} × 3 seeds (get_sweep; with :METHOD, th
 """
 import ml_collections
 
-from configs import rt_minilm_sections
+from configs import fl_section, rt_minilm_sections
 
 from spryjax.launch.sweep import product
 
@@ -58,10 +58,7 @@ def get_config(method: str = "spry") -> ml_collections.ConfigDict:
     for key, value in METHODS[method].items():
         algorithm[key] = {**algorithm[key], **value} if isinstance(value, dict) else value
     config.algorithm = ml_collections.ConfigDict(algorithm)
-    config.fl = ml_collections.ConfigDict({
-        "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": 100, "equal_size": True,
-        "min_examples": 2, "max_examples_per_client": 0, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "auto", "client_chunk_size": 0, "eval_every": 10, "eval_clients": 0, "checkpoint_every": 10})
+    config.fl = fl_section(examples_per_client=100)
     return config
 
 

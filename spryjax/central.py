@@ -1,7 +1,8 @@
 """Centralized training of a `Task`: the sanity baseline every federated result is read against.
 
-Each step draws a shuffled minibatch on the host, computes a gradient of `task.loss` with respect to the trainable
-tree (backprop by default, or any estimator with `jax.value_and_grad`'s signature plus a key, e.g.
+Each step draws a minibatch on the host (shuffled; for text, optionally of similar lengths:
+`length_bucketed_batches`), computes a gradient of `task.loss` with respect to the trainable tree (backprop by
+default, or any estimator with `jax.value_and_grad`'s signature plus a key, e.g.
 `functools.partial(fwdgrad.forward_grad, num_tangents=10)`), and applies an optax optimizer. Held-out evaluation
 runs after every epoch; metrics go to WORKDIR/metrics.jsonl, live values to a progress bar.
 """
@@ -30,17 +31,38 @@ def trim_sequences(batch: dict[str, np.ndarray], lengths: np.ndarray, sequence_k
     return {k: v[:, :seq] if k in sequence_keys else v for k, v in batch.items()}
 
 
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, bucket: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of minibatches of similar sequence length, as a (steps, batch_size) index array.
+
+    The examples are shuffled, the n mod batch_size left over are dropped (at random, not the longest), the rest
+    are sorted stably by ⌈length / bucket⌉ and cut into consecutive batches, and the batches are shuffled. Each
+    example appears at most once and every batch but those straddling two buckets holds a single bucket, so
+    trimming a batch to its longest sequence leaves at most `bucket` - 1 padding tokens per row. The cost of a
+    step is proportional to its trimmed length: on Rotten Tomatoes (mean 27 tokens, 64 maximum) this makes an
+    epoch about twice as fast as random batches, whose longest row is almost always near 64.
+    """
+    steps = len(lengths) // batch_size
+    order = rng.permutation(len(lengths))[:steps * batch_size]
+    order = order[np.argsort(-(-lengths[order] // bucket), kind="stable")]
+    return order.reshape(steps, batch_size)[rng.permutation(steps)]
+
+
 def evaluate(task: Task, trainable: PyTree, frozen: PyTree, arrays: dict[str, np.ndarray], *, batch_size: int = 256,
              lengths: np.ndarray | None = None, sequence_keys: tuple[str, ...] = (), sequence_bucket: int = 16,
              evaluate_fn: Callable | None = None) -> dict[str, float]:
-    """Summed `task.evaluate` over all examples of `arrays` (the last batch padded and masked), summarized."""
+    """Summed `task.evaluate` over all examples of `arrays` (the last batch padded and masked), summarized.
+
+    With `lengths`, examples are visited shortest first and each batch is trimmed to its longest sequence
+    (rounded up to `sequence_bucket`): the sums do not depend on the order, and padding costs almost nothing.
+    """
     evaluate_fn = evaluate_fn or jax.jit(task.evaluate)
     n = len(next(iter(arrays.values())))
+    order = np.arange(n) if lengths is None else np.argsort(lengths, kind="stable")
     sums = None
     for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
+        position = np.arange(start, start + batch_size)
+        mask = position < n
+        idx = order[np.where(mask, position, 0)]
         batch = {k: v[idx] for k, v in arrays.items()}
         if lengths is not None:
             batch = trim_sequences(batch, lengths[idx] * mask, sequence_keys, sequence_bucket)
@@ -53,13 +75,16 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
           test_arrays: dict[str, np.ndarray], *, optimizer: optax.GradientTransformation, epochs: int,
           batch_size: int, key: jax.Array, gradient_fn: Callable | None = None, workdir: str | None = None,
           lengths: tuple[np.ndarray, np.ndarray] | None = None, sequence_keys: tuple[str, ...] = (),
-          sequence_bucket: int = 16, desc: str = "train") -> tuple[PyTree, list[dict[str, float]]]:
+          sequence_bucket: int = 16, bucket_by_length: bool = False,
+          desc: str = "train") -> tuple[PyTree, list[dict[str, float]]]:
     """Trains `trainable` for `epochs` over `train_arrays`; returns it and one metrics record per epoch.
 
     Args:
       gradient_fn: `(loss_fn, trainable, key, frozen, batch) -> (loss, grad)`; default backprop.
       lengths: (train, test) per-example sequence lengths; with `sequence_keys`, batches are trimmed to their
         longest sequence (rounded up to `sequence_bucket`), so padding costs nothing.
+      bucket_by_length: with `lengths`, batches hold examples of similar length (`length_bucketed_batches`)
+        instead of uniformly random ones: much less padding, at the price of length-homogeneous minibatches.
     """
     if gradient_fn is None:
         gradient_fn = lambda loss_fn, p, k, frozen, batch: jax.value_and_grad(loss_fn)(p, frozen, batch, k)
@@ -81,10 +106,13 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
     bar = progress(total=epochs * steps_per_epoch, desc=desc)
     start = time.perf_counter()
     for epoch in range(epochs):
-        order = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch)))).permutation(n)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))))
+        if lengths is not None and bucket_by_length:
+            batches = length_bucketed_batches(lengths[0], batch_size, sequence_bucket, rng)
+        else:
+            batches = rng.permutation(n)[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
         losses = []
-        for s in range(steps_per_epoch):
-            idx = order[s * batch_size:(s + 1) * batch_size]
+        for s, idx in enumerate(batches):
             batch = {k: v[idx] for k, v in train_arrays.items()}
             if lengths is not None:
                 batch = trim_sequences(batch, lengths[0][idx], sequence_keys, sequence_bucket)
@@ -110,7 +138,7 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
 
 def run(config, workdir: str) -> list[dict[str, float]]:
     """`experiment = "central"`: config.data → Dataset, config.model → (Task, trainable, frozen), config.optimizer,
-    config.train.{epochs, batch_size}; prints the final held-out metrics."""
+    config.train.{epochs, batch_size, bucket_by_length (default False)}; prints the final held-out metrics."""
     from spryjax import build  # the config → object tables; the library proper never reads configs
     key = jax.random.key(config.seed)
     data = build.dataset(config.data, config.seed)
@@ -119,7 +147,9 @@ def run(config, workdir: str) -> list[dict[str, float]]:
     _, history = train(task, trainable, frozen, data.inputs("train"), data.inputs("test"),
                        optimizer=build.client_optimizer(config.optimizer), epochs=config.train.epochs,
                        batch_size=config.train.batch_size, key=jax.random.fold_in(key, 2), workdir=workdir,
-                       lengths=lengths, sequence_keys=data.sequence_keys, desc=f"{data.name} ({config.model.name})")
+                       lengths=lengths, sequence_keys=data.sequence_keys,
+                       bucket_by_length=config.train.get("bucket_by_length", False),
+                       desc=f"{data.name} ({config.model.name})")
     final = history[-1]
     print(f"{data.name} / {config.model.name}: held-out accuracy {final.get('test_accuracy', float('nan')):.4f} "
           f"after {final['epoch']} epochs ({final['wall_time']:.0f} s); metrics: {workdir}/metrics.jsonl")

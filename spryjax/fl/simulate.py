@@ -184,16 +184,17 @@ def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1) -> Call
     first = jax.jit(lambda out, n: accumulate(None, jax.tree.map(lambda x: x[None], out), n[None]))
     broadcast = jax.jit(algorithm.broadcast)
     server = jax.jit(lambda state, acc: finish(algorithm, state, acc), donate_argnums=0)
-    pool = ThreadPoolExecutor(in_flight) if in_flight > 1 else None
 
     def round_fn(state, frozen, data, counts, round_key):
         b = broadcast(state)
         run = lambda slot: client(frozen, b, {k: v[slot] for k, v in data.items()}, counts[slot], np.int32(slot),
                                   jax.random.fold_in(round_key, slot))
-        outputs = map(run, range(len(counts))) if pool is None else _in_order(pool, run, len(counts), in_flight)
         acc = None
-        for slot, out in enumerate(outputs):
-            acc = first(out, counts[slot]) if acc is None else add(acc, out, counts[slot])
+        # The pool lives for one round (starting threads costs microseconds; rounds take milliseconds or more).
+        with ThreadPoolExecutor(in_flight) as pool:
+            outputs = map(run, range(len(counts))) if in_flight == 1 else _in_order(pool, run, len(counts), in_flight)
+            for slot, out in enumerate(outputs):
+                acc = first(out, counts[slot]) if acc is None else add(acc, out, counts[slot])
         return server(state, acc)
     return round_fn
 
