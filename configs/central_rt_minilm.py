@@ -17,5 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data, config.model = rt_minilm_sections()
     config.optimizer = ml_collections.ConfigDict({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0})
     # Length-bucketed batches: an epoch costs about half as much as with uniformly random ones (see the README).
-    config.train = ml_collections.ConfigDict({"epochs": 2, "batch_size": 32, "bucket_by_length": True})
+    # Evaluating every 106 steps (a third of an epoch, ~10 s each) shows when the held-out accuracy crosses 0.80.
+    config.train = ml_collections.ConfigDict({
+        "epochs": 2, "batch_size": 32, "bucket_by_length": True, "eval_every_steps": 106})
     return config

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spryjax.errors import InputError
 from spryjax.metrics import MetricsWriter, progress
 from spryjax.task import Task, add_sums, summarize
 
@@ -75,7 +76,7 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
           test_arrays: dict[str, np.ndarray], *, optimizer: optax.GradientTransformation, epochs: int,
           batch_size: int, key: jax.Array, gradient_fn: Callable | None = None, workdir: str | None = None,
           lengths: tuple[np.ndarray, np.ndarray] | None = None, sequence_keys: tuple[str, ...] = (),
-          sequence_bucket: int = 16, bucket_by_length: bool = False,
+          sequence_bucket: int = 16, bucket_by_length: bool = False, eval_every_steps: int = 0,
           desc: str = "train") -> tuple[PyTree, list[dict[str, float]]]:
     """Trains `trainable` for `epochs` over `train_arrays`; returns it and one metrics record per epoch.
 
@@ -85,6 +86,8 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
         longest sequence (rounded up to `sequence_bucket`), so padding costs nothing.
       bucket_by_length: with `lengths`, batches hold examples of similar length (`length_bucketed_batches`)
         instead of uniformly random ones: much less padding, at the price of length-homogeneous minibatches.
+      eval_every_steps: also evaluate every this many steps inside an epoch (0: at the end of each epoch only),
+        for the learning curve and the time to a target accuracy; records carry fractional epochs.
     """
     if gradient_fn is None:
         gradient_fn = lambda loss_fn, p, k, frozen, batch: jax.value_and_grad(loss_fn)(p, frozen, batch, k)
@@ -101,10 +104,24 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
     writer = MetricsWriter(workdir) if workdir else None
     n = len(next(iter(train_arrays.values())))
     steps_per_epoch = n // batch_size
+    if steps_per_epoch == 0:
+        raise InputError(f"batch_size={batch_size} exceeds the {n} training examples")
     opt_state = optimizer.init(trainable)
     history = []
     bar = progress(total=epochs * steps_per_epoch, desc=desc)
     start = time.perf_counter()
+
+    def record_evaluation(epoch: float, step: int, losses: list[jax.Array]) -> None:
+        metrics = evaluate(task, trainable, frozen, test_arrays, batch_size=max(batch_size, 64),
+                           lengths=None if lengths is None else lengths[1], sequence_keys=sequence_keys,
+                           sequence_bucket=sequence_bucket, evaluate_fn=evaluate_fn)
+        record = {"epoch": epoch, "step": step, "train_loss": float(jnp.mean(jnp.stack(losses))),
+                  **{f"test_{k}": v for k, v in metrics.items()}, "wall_time": time.perf_counter() - start}
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{metrics.get('accuracy', float('nan')):.4f}")
+        history.append(record)
+        if writer:
+            writer.write(record)
+
     for epoch in range(epochs):
         rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))))
         if lengths is not None and bucket_by_length:
@@ -123,22 +140,18 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
             if s % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             bar.update()
-        metrics = evaluate(task, trainable, frozen, test_arrays, batch_size=max(batch_size, 64),
-                           lengths=None if lengths is None else lengths[1], sequence_keys=sequence_keys,
-                           sequence_bucket=sequence_bucket, evaluate_fn=evaluate_fn)
-        record = {"epoch": epoch + 1, "train_loss": float(jnp.mean(jnp.stack(losses))),
-                  **{f"test_{k}": v for k, v in metrics.items()}, "wall_time": time.perf_counter() - start}
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{metrics.get('accuracy', float('nan')):.4f}")
-        history.append(record)
-        if writer:
-            writer.write(record)
+            done = epoch * steps_per_epoch + s + 1
+            if s + 1 == steps_per_epoch:
+                record_evaluation(epoch + 1, done, losses)  # the epoch's mean training loss
+            elif eval_every_steps and done % eval_every_steps == 0:
+                record_evaluation(round(done / steps_per_epoch, 3), done, losses)  # the epoch's so far
     bar.close()
     return trainable, history
 
 
 def run(config, workdir: str) -> list[dict[str, float]]:
     """`experiment = "central"`: config.data → Dataset, config.model → (Task, trainable, frozen), config.optimizer,
-    config.train.{epochs, batch_size, bucket_by_length (default False)}; prints the final held-out metrics."""
+    config.train.{epochs, batch_size, bucket_by_length (default False), eval_every_steps (default 0)}; prints the final held-out metrics."""
     from spryjax import build  # the config → object tables; the library proper never reads configs
     key = jax.random.key(config.seed)
     data = build.dataset(config.data, config.seed)
@@ -149,6 +162,7 @@ def run(config, workdir: str) -> list[dict[str, float]]:
                        batch_size=config.train.batch_size, key=jax.random.fold_in(key, 2), workdir=workdir,
                        lengths=lengths, sequence_keys=data.sequence_keys,
                        bucket_by_length=config.train.get("bucket_by_length", False),
+                       eval_every_steps=config.train.get("eval_every_steps", 0),
                        desc=f"{data.name} ({config.model.name})")
     final = history[-1]
     print(f"{data.name} / {config.model.name}: held-out accuracy {final.get('test_accuracy', float('nan')):.4f} "

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from spryjax import central
+from spryjax.errors import InputError
 from spryjax.task import classification_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,26 @@ def test_full_batch_training_equals_gradient_descent_loop():
     accuracy = np.mean(np.argmax(x @ np.asarray(expected["w"]) + np.asarray(expected["b"]), 1) == y)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_evaluations_inside_epochs_leave_training_unchanged():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(70, 5)).astype(np.float32)
+    arrays = {"x": x, "label": (x[:, 0] > 0).astype(np.int32)}
+    task = classification_task(lambda p, f, b, k: b["x"] @ p["w"], 2)
+    kwargs = dict(optimizer=optax.adam(0.1), epochs=2, batch_size=16, key=jax.random.key(3))
+    plain, plain_history = central.train(task, {"w": jnp.zeros((5, 2))}, {}, arrays, arrays, **kwargs)
+    often, often_history = central.train(task, {"w": jnp.zeros((5, 2))}, {}, arrays, arrays, eval_every_steps=3,
+                                         **kwargs)
+    np.testing.assert_array_equal(plain["w"], often["w"])
+    # 4 steps per epoch: evaluations after steps 3, 4 (epoch end), 6, 8 (epoch end); epoch ends as without.
+    assert [r["step"] for r in often_history] == [3, 4, 6, 8]
+    assert [r["epoch"] for r in often_history] == [0.75, 1, 1.5, 2]
+    for mine, reference in zip(often_history[1::2], plain_history):
+        assert {k: v for k, v in mine.items() if k != "wall_time"} == {
+            k: v for k, v in reference.items() if k != "wall_time"}
+    with pytest.raises(InputError, match="batch_size=128 exceeds the 70 training examples"):
+        central.train(task, {"w": jnp.zeros((5, 2))}, {}, arrays, arrays, **{**kwargs, "batch_size": 128})
 
 
 def test_length_sorted_trimmed_evaluation_equals_the_padded_one():
