@@ -4,7 +4,8 @@ Each step draws a minibatch on the host (shuffled; for text, optionally of simil
 `length_bucketed_batches`), computes a gradient of `task.loss` with respect to the trainable tree (backprop by
 default, or any estimator with `jax.value_and_grad`'s signature plus a key, e.g.
 `functools.partial(fwdgrad.forward_grad, num_tangents=10)`), and applies an optax optimizer. Held-out evaluation
-runs after every epoch; metrics go to WORKDIR/metrics.jsonl, live values to a progress bar.
+runs after every epoch (and, optionally, every few steps); metrics go to WORKDIR/metrics.jsonl, live values to a
+progress bar.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
           lengths: tuple[np.ndarray, np.ndarray] | None = None, sequence_keys: tuple[str, ...] = (),
           sequence_bucket: int = 16, bucket_by_length: bool = False, eval_every_steps: int = 0,
           desc: str = "train") -> tuple[PyTree, list[dict[str, float]]]:
-    """Trains `trainable` for `epochs` over `train_arrays`; returns it and one metrics record per epoch.
+    """Trains `trainable` for `epochs` over `train_arrays`; returns it and one metrics record per evaluation.
 
     Args:
       gradient_fn: `(loss_fn, trainable, key, frozen, batch) -> (loss, grad)`; default backprop.
@@ -151,7 +152,8 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
 
 def run(config, workdir: str) -> list[dict[str, float]]:
     """`experiment = "central"`: config.data → Dataset, config.model → (Task, trainable, frozen), config.optimizer,
-    config.train.{epochs, batch_size, bucket_by_length (default False), eval_every_steps (default 0)}; prints the final held-out metrics."""
+    config.train.{epochs, batch_size, bucket_by_length (default False), eval_every_steps (default 0)}; prints the
+    final held-out metrics."""
     from spryjax import build  # the config → object tables; the library proper never reads configs
     key = jax.random.key(config.seed)
     data = build.dataset(config.data, config.seed)
