@@ -27,7 +27,7 @@ def curves(runs: dict[str, list[dict]], path: str, *, metric: str = "generalized
         ax.set_xlabel({"round": "round", "wall_time": "wall time (s)"}.get(x, x))
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside: never hides a curve
     if title:
         fig.suptitle(title)
     return _save(fig, path)
