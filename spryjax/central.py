@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spryjax.data.federated import trimmed_length
 from spryjax.errors import InputError
 from spryjax.metrics import MetricsWriter, progress
 from spryjax.task import Task, add_sums, summarize
@@ -29,7 +30,7 @@ def trim_sequences(batch: dict[str, np.ndarray], lengths: np.ndarray, sequence_k
     """Cuts the sequence axis of `sequence_keys` to the batch's longest length rounded up to `bucket`."""
     if not sequence_keys:
         return batch
-    seq = min(batch[sequence_keys[0]].shape[1], -(-int(lengths.max(initial=1)) // bucket) * bucket)
+    seq = trimmed_length(lengths, batch[sequence_keys[0]].shape[1], bucket)
     return {k: v[:, :seq] if k in sequence_keys else v for k, v in batch.items()}
 
 

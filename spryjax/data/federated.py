@@ -89,9 +89,8 @@ class FederatedData:
         rows[valid] = (starts[:, None] + np.arange(size)[None, :])[valid]
         seq_len = None
         if self.sequence_keys and self.lengths is not None:
-            longest = int(self.lengths[rows[valid]].max(initial=1))
-            full = self.arrays[self.sequence_keys[0]].shape[1]
-            seq_len = min(full, -(-longest // sequence_bucket) * sequence_bucket)
+            seq_len = trimmed_length(self.lengths[rows[valid]], self.arrays[self.sequence_keys[0]].shape[1],
+                                     sequence_bucket)
         out = {}
         for name, array in self.arrays.items():
             taken = array[rows]
@@ -100,6 +99,12 @@ class FederatedData:
                 taken = taken[:, :, :seq_len]
             out[name] = taken
         return out, counts.astype(np.int32)
+
+
+def trimmed_length(lengths: np.ndarray, full: int, bucket: int) -> int:
+    """The sequence length a batch with these per-example `lengths` is cut to: the longest, rounded up to a
+    multiple of `bucket` (few distinct compiled shapes), at most the padded length `full`."""
+    return min(full, -(-int(lengths.max(initial=1)) // bucket) * bucket)
 
 
 def bucket_size(n: int, granularity: int = 1) -> int:
