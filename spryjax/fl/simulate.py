@@ -189,25 +189,25 @@ def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1) -> Call
         b = broadcast(state)
         run = lambda slot: client(frozen, b, {k: v[slot] for k, v in data.items()}, counts[slot], np.int32(slot),
                                   jax.random.fold_in(round_key, slot))
+        outputs = map(run, range(len(counts))) if in_flight == 1 else _in_order(run, len(counts), in_flight)
         acc = None
-        # The pool lives for one round (starting threads costs microseconds; rounds take milliseconds or more).
-        with ThreadPoolExecutor(in_flight) as pool:
-            outputs = map(run, range(len(counts))) if in_flight == 1 else _in_order(pool, run, len(counts), in_flight)
-            for slot, out in enumerate(outputs):
-                acc = first(out, counts[slot]) if acc is None else add(acc, out, counts[slot])
+        for slot, out in enumerate(outputs):
+            acc = first(out, counts[slot]) if acc is None else add(acc, out, counts[slot])
         return server(state, acc)
     return round_fn
 
 
-def _in_order(pool: ThreadPoolExecutor, fn: Callable, n: int, window: int):
-    """fn(0), ..., fn(n − 1) computed on `pool` with at most `window` running ahead, yielded in order."""
-    pending = [pool.submit(fn, i) for i in range(min(window, n))]
-    for i in range(n):
-        result = pending[i].result()
-        if i + window < n:
-            pending.append(pool.submit(fn, i + window))
-        pending[i] = None
-        yield result
+def _in_order(fn: Callable, n: int, window: int):
+    """fn(0), ..., fn(n − 1) computed on `window` host threads, at most `window` running ahead, yielded in order.
+    The threads live until the last result is taken (starting them costs microseconds; a round takes far more)."""
+    with ThreadPoolExecutor(window) as pool:
+        pending = [pool.submit(fn, i) for i in range(min(window, n))]
+        for i in range(n):
+            result = pending[i].result()
+            if i + window < n:
+                pending.append(pool.submit(fn, i + window))
+            pending[i] = None
+            yield result
 
 
 def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int) -> Callable:
