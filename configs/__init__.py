@@ -1,12 +1,17 @@
-"""Config files, one `get_config()` each; the sections several of them share live here."""
+"""Config files, one `get_config()` each; the sections several of them share live here.
+
+A section's `name` picks a builder from a table of spryjax/build.py and its other fields are that builder's keyword
+options (see docs/design.md, "Configs"); options a config leaves out take the defaults in the builder's signature.
+"""
 import ml_collections
+from ml_collections import config_dict
 
 
 def rt_minilm_sections() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """(data, model) of the offline real text task: Rotten Tomatoes snippets tokenized for MiniLM-L6 (≤ 64
-    tokens, 20% held out), LoRA r=1 (α=1) on query/value plus a linear head on mean-pooled features, fp32."""
+    tokens; Rotten Tomatoes holds out 20% of the movies by default), LoRA r=1 (α=1) on query/value plus a linear head on mean-pooled features, fp32."""
     data = ml_collections.ConfigDict({
-        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64, "test_fraction": 0.2})
+        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64})
     model = ml_collections.ConfigDict({
         "name": "text_classifier", "path": "minilm", "dtype": "float32", "head": "mean",
         "peft": {"method": "lora", "rank": 1, "alpha": 1.0, "dropout": 0.0, "target_modules": ("query", "value"),
@@ -19,11 +24,14 @@ def fl_section(**overrides) -> ml_collections.ConfigDict:
 
     Defaults: 100 Dirichlet(α=1) clients with equal example counts, 20% of each client's examples held out, 10
     clients per round, the engine's `auto` strategy, evaluation and checkpoints every 10 rounds. Every field is
-    present, so each can be overridden from the command line (`--config.fl.alpha=0.1`); 0 means "not set".
+    present, so each can be overridden from the command line (`--config.fl.alpha=0.1`); fields that may be unset
+    are typed placeholders (None: the library's meaning of "not given", e.g. all clients for eval_clients).
     """
+    unset = config_dict.placeholder(int)
     fl = ml_collections.ConfigDict({
-        "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": 0, "equal_size": True,
-        "min_examples": 2, "max_examples_per_client": 0, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "auto", "client_chunk_size": 0, "eval_every": 10, "eval_clients": 0, "checkpoint_every": 10})
+        "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": unset, "equal_size": True,
+        "min_examples": 2, "max_examples_per_client": unset, "test_fraction": 0.2, "clients_per_round": 10,
+        "strategy": "auto", "client_chunk_size": unset, "eval_every": 10, "eval_clients": unset,
+        "checkpoint_every": 10})
     fl.update(overrides)
     return fl

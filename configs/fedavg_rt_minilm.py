@@ -1,7 +1,7 @@
 """FedAvg with LoRA on MiniLM-L6, Rotten Tomatoes split by movie (natural clients), each client's snippets 80/20.
 
 Run:  python -m spryjax.main --config=configs/fedavg_rt_minilm.py --config.num_rounds=5
-Variants (experiments/server_optimizers.py runs them all):
+Variants:
       --config.algorithm.server_optimizer.name=fedadam --config.algorithm.server_optimizer.learning_rate=1e-3
       --config.fl.partition=dirichlet --config.fl.alpha=0.1 --config.fl.num_clients=100
 Expect: a few minutes for 5 rounds on a 2-core CPU; generalized accuracy climbing from chance (~0.58, the

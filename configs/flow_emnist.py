@@ -20,10 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.num_rounds = 1500
     config.data = ml_collections.ConfigDict({"name": "emnist", "only_digits": False})
-    config.model = ml_collections.ConfigDict({"name": "emnist_cnn", "routed": True})
+    config.model = ml_collections.ConfigDict({"name": "emnist_cnn"})
     config.algorithm = ml_collections.ConfigDict({
         "name": "flow", "batch_size": 20, "local_epochs": 3, "regularization": 0.01, "local_discount": 0.5,
-        "client_optimizer": {"name": "momentum", "learning_rate": 0.01, "momentum": 0.9},
+        "client_optimizer": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
     # Writers are the clients; federate() pools each writer's TFF train and test examples and holds out 20%.

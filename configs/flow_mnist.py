@@ -19,14 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_rounds = 40
     config.data = ml_collections.ConfigDict({"name": "mnist_personalized", "num_clients": 50, "alpha": 0.5})
     config.model = ml_collections.ConfigDict({
-        "name": "emnist_cnn", "routed": True, "channels": (8, 16), "dense": 64, "router_hidden": (64, 32, 16)})
+        "name": "emnist_cnn", "channels": (8, 16), "dense": 64, "router_hidden": (64, 32, 16)})
     config.algorithm = ml_collections.ConfigDict({
         "name": "flow", "batch_size": 20, "local_epochs": 3,
         "regularization": 0.01,      # λ: the paper's EMNIST value (0.001 for its other tasks)
         "local_discount": 0.5,       # β in R(p) = −log(p_g² + β p_l² + ε): favours the global path
         # Straight-line local loops: XLA:CPU runs convolutions inside loop bodies and conds several times slower.
         "unroll": True, "skip_padding": False,
-        "client_optimizer": {"name": "momentum", "learning_rate": 0.05, "momentum": 0.9},
+        "client_optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
     # The dataset's clients ("client" key), each with 20% of its examples held out.

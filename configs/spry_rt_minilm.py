@@ -17,24 +17,29 @@ from configs import fl_section, rt_minilm_sections
 
 from spryjax.launch.sweep import product
 
-# method -> overrides of the algorithm section (the Spry paper's settings where it gives them)
+# The algorithm sections. Each method's section holds only the options of its algorithm (spryjax/build.py checks
+# them against the algorithm's signature; what a section leaves out takes the signature's default).
+CLIENT_ADAMW = {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0}
+FLOWER_YOGI = {"name": "flower_yogi", "learning_rate": 1e-2}     # the Spry paper's server: Flower's FedYogi
+LOCAL = {"batch_size": 8, "local_epochs": 1, "eval_batch_size": 64, "client_optimizer": CLIENT_ADAMW}
+ONE_BATCH = {"batch_size": 8, "eval_batch_size": 64}              # FedSGD-shaped: one minibatch per round
+SPRY = {**LOCAL, "num_tangents": 1, "tensors_per_chunk": 2, "share_head": False, "communication": "per_epoch",
+        "dilute_aggregation": False, "finetune_epochs": 0, "server_optimizer": FLOWER_YOGI}
 METHODS = {
-    "spry": {"name": "spry", "num_tangents": 1, "server_optimizer": {"name": "flower_yogi"}},
-    "spry_shared_head": {"name": "spry", "num_tangents": 1, "share_head": True,
-                         "server_optimizer": {"name": "flower_yogi"}},
-    "spry_k10": {"name": "spry", "num_tangents": 10, "server_optimizer": {"name": "flower_yogi"}},
-    "spry_per_iteration": {"name": "spry", "num_tangents": 1, "communication": "per_iteration",
-                           "server_optimizer": {"name": "flower_yogi"}},
-    "fedavg": {"name": "fedavg", "server_optimizer": {"name": "fedavg", "learning_rate": 1.0}},
-    "fedyogi": {"name": "fedavg", "server_optimizer": {"name": "flower_yogi"}},
-    "fedsgd": {"name": "fedsgd", "server_optimizer": {"name": "flower_yogi"}},
-    "fedavg_split": {"name": "fedavg_split", "server_optimizer": {"name": "flower_yogi"}},
-    "fedfgd": {"name": "fedfgd", "num_tangents": 1, "server_optimizer": {"name": "flower_yogi"}},
-    "fedmezo": {"name": "fedmezo", "eps": 1e-3, "num_tangents": 1,
+    "spry": {"name": "spry", **SPRY},
+    "spry_shared_head": {"name": "spry", **SPRY, "share_head": True},
+    "spry_k10": {"name": "spry", **SPRY, "num_tangents": 10},
+    "spry_per_iteration": {"name": "spry", **SPRY, "communication": "per_iteration"},
+    "fedavg": {"name": "fedavg", **LOCAL, "server_optimizer": {"name": "fedavg", "learning_rate": 1.0}},
+    "fedyogi": {"name": "fedavg", **LOCAL, "server_optimizer": FLOWER_YOGI},
+    "fedsgd": {"name": "fedsgd", **ONE_BATCH, "server_optimizer": FLOWER_YOGI},
+    "fedavg_split": {"name": "fedavg_split", **LOCAL, "tensors_per_chunk": 2, "server_optimizer": FLOWER_YOGI},
+    "fedfgd": {"name": "fedfgd", **LOCAL, "num_tangents": 1, "server_optimizer": FLOWER_YOGI},
+    "fedmezo": {"name": "fedmezo", **LOCAL, "eps": 1e-3, "num_tangents": 1,
                 "client_optimizer": {"name": "sgd", "learning_rate": 1e-3},
                 "server_optimizer": {"name": "fedavg", "learning_rate": 1.0}},
-    "baffle": {"name": "baffle", "sigma": 1e-4, "num_tangents": 10, "server_optimizer": {"name": "flower_yogi"}},
-    "fwdllm": {"name": "fwdllm", "eps": 1e-2, "num_tangents": 20, "server_optimizer": {"name": "flower_yogi"}},
+    "baffle": {"name": "baffle", **ONE_BATCH, "sigma": 1e-4, "num_tangents": 10, "server_optimizer": FLOWER_YOGI},
+    "fwdllm": {"name": "fwdllm", **ONE_BATCH, "eps": 1e-2, "num_tangents": 20, "server_optimizer": FLOWER_YOGI},
 }
 
 
@@ -47,17 +52,7 @@ def get_config(method: str = "spry") -> ml_collections.ConfigDict:
     config.seed = 0
     config.num_rounds = 300
     config.data, config.model = rt_minilm_sections()
-    algorithm = {
-        "name": "spry", "batch_size": 8, "local_epochs": 1, "eval_batch_size": 64,
-        "num_tangents": 1, "tangent_chunk_size": 0, "tensors_per_chunk": 2, "share_head": False,
-        "communication": "per_epoch", "dilute_aggregation": False, "finetune_epochs": 0,
-        "eps": 1e-3, "sigma": 1e-4,
-        "client_optimizer": {"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.0},
-        "server_optimizer": {"name": "flower_yogi", "learning_rate": 1e-2},
-    }
-    for key, value in METHODS[method].items():
-        algorithm[key] = {**algorithm[key], **value} if isinstance(value, dict) else value
-    config.algorithm = ml_collections.ConfigDict(algorithm)
+    config.algorithm = ml_collections.ConfigDict(METHODS[method])
     config.fl = fl_section(examples_per_client=100)
     return config
 

@@ -21,7 +21,7 @@ import optax
 from ml_collections import ConfigDict
 
 from spryjax import build, central
-from spryjax.nn.delta_attention import parameter_count
+from spryjax.pytrees import count_params
 
 # name → config.model. Widths are equal (e = 32; MulT keeps its own d = 30 with 5 heads); MulT's depth is 3
 # crossmodal + 3 self-attention blocks per target instead of its default 5 + 5, to fit a 2-core CPU budget: it is
@@ -45,7 +45,7 @@ def run_one(model: dict, seed: int, *, epochs: int, num_train: int, learning_rat
                                key=jax.random.fold_in(key, 2), lengths=(data.train["length"], data.test["length"]),
                                sequence_keys=data.sequence_keys, desc=f"{model['name']} seed {seed}")
     final = history[-1]
-    return {"parameters": parameter_count(trainable), "accuracy": final["test_accuracy"],
+    return {"parameters": count_params(trainable), "accuracy": final["test_accuracy"],
             "weighted_f1": final["test_weighted_f1"], "seconds": time.perf_counter() - start}
 
 

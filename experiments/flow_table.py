@@ -44,7 +44,8 @@ from spryjax.fl.algorithms.hypcluster import hypcluster
 from spryjax.fl.algorithms.knn_per import knn_per
 from spryjax.fl.algorithms.lg_fedavg import lg_fedavg
 from spryjax.metrics import format_table
-from spryjax.nn import routing
+from spryjax.nn import routed_models
+from spryjax.nn.routing import RoutedModel
 
 TASKS = {"digits_personalized": vision.digits_personalized, "mnist_personalized": vision.mnist_personalized}
 # The routed EMNIST CNN's layout (4 routing points, a policy MLP with 4 exits) at a CPU size.
@@ -64,7 +65,7 @@ def evaluated_together(algorithms: dict[str, FederatedAlgorithm]) -> FederatedAl
     return next(iter(algorithms.values()))._replace(evaluate_client=evaluate_client)
 
 
-def algorithms(model: routing.RoutedModel, *, lr: float, batch_size: int, epochs: int, regularization: float
+def algorithms(model: RoutedModel, *, lr: float, batch_size: int, epochs: int, regularization: float
                ) -> dict[str, FederatedAlgorithm]:
     """One training run per entry; "fedavg" is evaluated as FedAvg+FT, Ditto, LG-FedAvg and kNN-Per too."""
     options = dict(client_optimizer=optax.sgd(lr, momentum=0.9), server_optimizer=optax.sgd(1.0),
@@ -108,14 +109,14 @@ def run_seed(task: str, seed: int, *, rounds: int, clients_per_round: int, lr: f
     train_parts, test_parts = vision.client_parts(data)
     train = FederatedData.from_partition(data.inputs("train"), train_parts)
     test = FederatedData.from_partition(data.inputs("test"), test_parts)
-    model = routing.emnist_cnn(data, jax.random.key(seed), **MODEL_SIZE)
+    model = routed_models.emnist_cnn(data, jax.random.key(seed), **MODEL_SIZE)
     if not built:   # algorithms are built once and reused across seeds (same shapes), so they compile once
         built.update(algorithms(model, lr=lr, batch_size=batch_size, epochs=epochs, regularization=regularization))
     clients, instances = int(np.sum(test.counts > 0)), int(np.sum(test.counts))
     rows = []
     for run, algorithm in built.items():
         tick = time.perf_counter()
-        result = simulate.run(algorithm, model.states, {}, train, test, num_rounds=rounds,
+        result = simulate.run_simulation(algorithm, model.states, {}, train, test, num_rounds=rounds,
                               clients_per_round=clients_per_round, seed=seed, batch_size=batch_size,
                               strategy="loop", eval_every=rounds, show_progress=False)
         seconds = time.perf_counter() - tick

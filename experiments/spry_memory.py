@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
 
-from spryjax import build, peft
-from spryjax.fl.algorithm import tree_bytes
+from spryjax import build, lm_tasks, peft
+from spryjax.pytrees import tree_bytes
 from spryjax.memory import MIB, compiled_memory
 from spryjax.metrics import format_table
 from spryjax.models import preset
@@ -53,7 +53,7 @@ BATCH, SEQ = 8, 64
 
 def measure(shape: str) -> list[dict]:
     peft_config = peft.PeftConfig(method="lora", rank=1, alpha=1.0, dropout=0.0)
-    frozen, trainable, logits_fn = peft.build_classifier(preset(shape), 2, peft_config, jax.random.key(0),
+    frozen, trainable, logits_fn = lm_tasks.build_classifier(preset(shape), 2, peft_config, jax.random.key(0),
                                                          shapes_only=True)
     task = classification_task(logits_fn, 2)
     ids = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)

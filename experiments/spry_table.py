@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from configs import spry_rt_minilm  # noqa: E402
 from spryjax import build  # noqa: E402
-from spryjax.compare import summary_row  # noqa: E402
-from spryjax.fl import experiment  # noqa: E402
+from spryjax.runners.compare import summary_row  # noqa: E402
+from spryjax.data.federated import federate  # noqa: E402
+from spryjax.runners import federated  # noqa: E402
 from spryjax.metrics import format_table, read_metrics, save_config  # noqa: E402
 from spryjax.plots import curves  # noqa: E402
 
@@ -55,9 +56,9 @@ def reference_rows(alpha: float, seed: int, cache: str) -> list[dict]:
 
     config = member_config("spry", alpha, seed, 1, 1)
     data = build.dataset(config.data, seed)
-    clients = experiment.federate(data, config.fl, seed)
+    clients = federate(data, seed=seed, **federated.fl_options(config.fl)[0])
     if not os.path.exists(cache):
-        pretrained = hf.load_pretrained(build.model_folder("minilm"))
+        pretrained = hf.load_pretrained(hf.packaged_model())
         embed = jax.jit(lambda batch: heads.mean_pool(
             models.apply(pretrained.params, batch, config=pretrained.config), batch["attention_mask"]))
         features = {}
@@ -112,7 +113,7 @@ def main() -> int:
                     config = member_config(method, alpha, seed, args.rounds, args.eval_every)
                     save_config(config, workdir)
                     print(f"\n== {method}, alpha {alpha}, seed {seed} ==", flush=True)
-                    experiment.run(config, workdir)
+                    federated.run_federated(config, workdir)
                 runs[(method, alpha, seed)] = read_metrics(workdir)
     rows = []
     for alpha in alphas:

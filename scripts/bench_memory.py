@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from spryjax import fwdgrad, peft
+from spryjax import fwdgrad, lm_tasks, peft
 from spryjax.memory import MIB, compiled_memory
 from spryjax.models import PRESETS, preset
 
@@ -51,7 +51,7 @@ def steps(logits_fn, chunk_size: int) -> dict:
 def measure(shape: str, *, batch: int, seq: int, rank: int, dtype: str, chunk_size: int) -> list[dict]:
     config = preset(shape)
     peft_config = peft.PeftConfig(method="lora", rank=rank, alpha=float(rank), dropout=0.0)
-    frozen, trainable, logits_fn = peft.build_classifier(config, 2, peft_config, jax.random.key(0), DTYPES[dtype],
+    frozen, trainable, logits_fn = lm_tasks.build_classifier(config, 2, peft_config, jax.random.key(0), DTYPES[dtype],
                                                          shapes_only=True)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = {"input_ids": ids, "attention_mask": ids, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}

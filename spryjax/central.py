@@ -149,25 +149,3 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
                 record_evaluation(round(done / steps_per_epoch, 3), done, losses)  # the epoch's so far
     bar.close()
     return trainable, history
-
-
-def run(config, workdir: str) -> list[dict[str, float]]:
-    """`experiment = "central"`: config.data → Dataset, config.model → (Task, trainable, frozen), config.optimizer,
-    config.train.{epochs, batch_size, bucket_by_length (default False), eval_every_steps (default 0)}; prints the
-    final held-out metrics."""
-    from spryjax import build  # the config → object tables; the library proper never reads configs
-    key = jax.random.key(config.seed)
-    data = build.dataset(config.data, config.seed)
-    task, trainable, frozen = build.model(config.model, data, jax.random.fold_in(key, 1))
-    lengths = (data.train["length"], data.test["length"]) if data.sequence_keys else None
-    _, history = train(task, trainable, frozen, data.inputs("train"), data.inputs("test"),
-                       optimizer=build.client_optimizer(config.optimizer), epochs=config.train.epochs,
-                       batch_size=config.train.batch_size, key=jax.random.fold_in(key, 2), workdir=workdir,
-                       lengths=lengths, sequence_keys=data.sequence_keys,
-                       bucket_by_length=config.train.get("bucket_by_length", False),
-                       eval_every_steps=config.train.get("eval_every_steps", 0),
-                       desc=f"{data.name} ({config.model.name})")
-    final = history[-1]
-    print(f"{data.name} / {config.model.name}: held-out accuracy {final.get('test_accuracy', float('nan')):.4f} "
-          f"after {final['epoch']} epochs ({final['wall_time']:.0f} s); metrics: {workdir}/metrics.jsonl")
-    return history

@@ -3,13 +3,12 @@
     python -m spryjax.main --config=configs/NAME.py [--config.some.field=value ...] [--workdir=runs/NAME]
     spryjax --config=configs/NAME.py ...        (the same, as an installed console script)
 
-The config's `experiment` field picks what runs, from the explicit table `EXPERIMENTS` below. Every field the run
-used is saved to `WORKDIR/config.json`. Bad input (an unknown field, a wrong type, a missing file, a bad value
+The config's `experiment` field picks what runs, from the explicit table `spryjax.runners.EXPERIMENTS`. Every
+field the run used is saved to `WORKDIR/config.json`. Bad input (an unknown field, a wrong type, a missing file, a bad value
 found later by the library) ends with one line on stderr and exit code 2; the workdir keeps what was written.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import sys
@@ -22,20 +21,12 @@ from ml_collections import config_flags  # noqa: E402
 
 from spryjax.errors import InputError  # noqa: E402
 from spryjax.metrics import save_config  # noqa: E402
+from spryjax.runners import EXPERIMENTS  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file defining get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the resolved config "
                                      "(default: runs/<config file name>).")
-
-# experiment name -> "module:function(config, workdir)"; imported lazily so that `--help` stays fast.
-EXPERIMENTS = {
-    "fwdgrad_demo": "spryjax.fwdgrad_demo:run",
-    "central": "spryjax.central:run",
-    "federated": "spryjax.fl.experiment:run",
-    "compare": "spryjax.compare:run",
-}
-
 
 def fail(message: str) -> None:
     """Prints one line and exits with code 2 (bad input)."""
@@ -85,10 +76,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def resolve_experiment(name: str):
+    """The runner of `config.experiment`."""
     if name not in EXPERIMENTS:
         raise InputError(f"config.experiment: unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
-    module, function = EXPERIMENTS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    return EXPERIMENTS[name]
 
 
 def main(argv: list[str]) -> None:
@@ -105,10 +96,10 @@ def main(argv: list[str]) -> None:
         fail(str(exc))
 
 
-def run() -> None:
-    """Console-script entry point."""
+def entry_point() -> None:
+    """The console script `spryjax` and `python -m spryjax.main`."""
     app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    run()
+    entry_point()

@@ -1,5 +1,5 @@
 """Parameter-efficient finetuning: LoRA, IA3, BitFit and classifier-only, as a trainable pytree kept apart from the
-frozen model, plus task builders that wire model, head and adapters into one `logits_fn`.
+frozen model (`spryjax.lm_tasks` wires model, head and adapters into one `logits_fn`).
 
 References:
   - Hu et al. "LoRA: Low-Rank Adaptation of Large Language Models" (2021): W x + (α/r) B A x with A random, B = 0.
@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
 
-from spryjax import models
 from spryjax.errors import InputError
-from spryjax.models import ModelConfig, decoder, heads, hf
-from spryjax.models.layers import AdapterOptions, split_key
+from spryjax.models.layers import AdapterOptions
+from spryjax.pytrees import count_params, leaf_paths
 
 PyTree = Any
 Params = dict[str, Any]
-LogitsFn = Callable[..., jax.Array]
 METHODS = ("lora", "ia3", "bitfit", "classifier")
 DEFAULT_TARGETS = {"lora": ("query", "value"), "ia3": ("key", "value", "ffn_out", "down")}
 FEEDFORWARD_DOWN = ("ffn_out", "down")  # IA3 scales their input (the activation), not their output
@@ -240,15 +237,8 @@ def paths_mask(tree: PyTree, paths: Iterable[str]) -> PyTree:
     known = {path for path, _ in ordered_leaves(tree)}
     if wanted - known:
         raise ValueError(f"paths_mask: {sorted(wanted - known)[0]!r} is not a leaf path of the tree")
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    path_str = lambda kp: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
-    masks = [path_str(kp) in wanted for kp, _ in flat]
+    masks = [path in wanted for path in leaf_paths(tree)]
     return jax.tree.unflatten(jax.tree.structure(tree), masks)
-
-
-def count_params(tree: PyTree) -> int:
-    """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def summary(frozen: PyTree, trainable: PyTree) -> str:
@@ -261,142 +251,3 @@ def summary(frozen: PyTree, trainable: PyTree) -> str:
     rows.append(f"{'total':12s} {n_frozen:>14,d} {n_train:>12,d}  "
                 f"({100 * n_train / max(n_frozen + n_train, 1):.3f}% trainable)")
     return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Task builders
-
-
-Model = str | os.PathLike | ModelConfig | hf.Pretrained
-
-
-def _base(model: Model, key: jax.Array, dtype: Any, shapes_only: bool) -> tuple[ModelConfig, Params]:
-    if isinstance(model, (models.EncoderConfig, models.DecoderConfig)):
-        init = lambda: models.init(model, key, dtype=dtype)
-        return model, jax.eval_shape(init) if shapes_only else init()
-    if isinstance(model, hf.Pretrained):
-        if shapes_only:
-            return model.config, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), model.params)
-        return model.config, jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), model.params)
-    if shapes_only:
-        config = hf.load_config(model)
-        return config, jax.eval_shape(lambda: models.init(config, key, dtype=dtype))
-    pretrained = hf.load_pretrained(model, dtype=dtype)
-    return pretrained.config, pretrained.params
-
-
-def _build(model, peft_config: PeftConfig, key: jax.Array, dtype: Any, shapes_only: bool,
-           init_head: Callable[[ModelConfig, jax.Array], Params | None],
-           uses: Callable[[ModelConfig], tuple[str, ...]]) -> tuple[ModelConfig, Params, Params]:
-    """(config, frozen, trainable) of the base plus the head `init_head` makes. Of the base's optional parts
-    ("pooler", "lm_head"), only those the task `uses` are kept: an unused LM head is 500 MiB of Llama2-7B's
-    frozen weights."""
-    k_base, k_head, k_peft = jax.random.split(key, 3)
-    config, base = _base(model, k_base, dtype, shapes_only)
-    base = {k: v for k, v in base.items() if k not in ("pooler", "lm_head") or k in uses(config)}
-
-    def attach_and_split(base):
-        head = init_head(config, k_head)
-        return split(base if head is None else {**base, "head": head}, peft_config, k_peft)
-
-    frozen, trainable = jax.eval_shape(attach_and_split, base) if shapes_only else attach_and_split(base)
-    return config, frozen, trainable
-
-
-def default_head(config: ModelConfig) -> str:
-    """RoBERTa's classification head for RoBERTa, BERT's pooler where the model has one, else the first token;
-    the last attended token for decoders."""
-    if models.is_decoder(config):
-        return "last"
-    if config.arch == "roberta":
-        return "roberta"
-    return "bert_pooler" if config.pooler else "cls"
-
-
-def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
-                     key: jax.Array, dtype: Any = jnp.float32, *, head: str | None = None,
-                     label_token_ids: Sequence[int] | None = None,
-                     shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
-    """A sequence classifier: (frozen, trainable, logits_fn) with
-
-        logits_fn(trainable, frozen, batch, key=None) -> logits [B, num_labels] (fp32)
-
-    batch = {"input_ids": [B, S], "attention_mask": [B, S], optional "token_type_ids" (sentence pairs)}; key None
-    is deterministic, a key turns on the model's, head's and LoRA's dropout. The frozen tree keeps the BERT pooler
-    and an untied LM head only when the head uses them.
-
-    Args:
-      model: a model folder or hub name (pretrained weights), an already loaded `hf.Pretrained`, or a
-        `ModelConfig` (random weights, e.g. a preset).
-      head: a style of `heads.CLASSIFIER_STYLES` (default `default_head`), or "lm_labels" for decoders: the next-
-        token logits of `label_token_ids` (one token per class), no head parameters.
-      dtype: the frozen base's dtype (fp32 or bf16); adapters and head are fp32.
-      shapes_only: frozen and trainable as ShapeDtypeStructs, nothing allocated (compile-only memory studies).
-
-    Example:
-      >>> frozen, trainable, logits_fn = build_classifier(minilm_folder, 2, PeftConfig(), key)
-      >>> loss, g = fwdgrad.forward_grad(lambda t, f, b: xent(logits_fn(t, f, b), b["label"]), trainable, key,
-      ...                                frozen, batch)
-    """
-    if head == "lm_labels":
-        if label_token_ids is None or len(label_token_ids) != num_labels:
-            raise InputError(f"head 'lm_labels' needs label_token_ids with one token per class ({num_labels})")
-        labels = jnp.asarray(label_token_ids, jnp.int32)
-        init_head = lambda cfg, k: None
-    else:
-        init_head = lambda cfg, k: heads.init_classifier(cfg.hidden_size, num_labels, k,
-                                                         style=head or default_head(cfg))
-    uses = lambda cfg: {"lm_labels": ("lm_head",), "bert_pooler": ("pooler",)}.get(head or default_head(cfg), ())
-    config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only, init_head, uses)
-    if head == "lm_labels" and not models.is_decoder(config):
-        raise InputError("head 'lm_labels' needs a decoder (Llama, OPT)")
-    style = head or default_head(config)
-    adapter = adapter_options(peft_config)
-
-    def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
-                  key: jax.Array | None = None) -> jax.Array:
-        params = merge(frozen, trainable)
-        k_model, k_head = split_key(key, 2)
-        hidden = models.apply(params, batch, config=config, adapter=adapter, key=k_model)
-        if style == "lm_labels":
-            return heads.lm_label_logits(decoder.output_embedding(params, config), hidden, batch["attention_mask"],
-                                         labels)
-        return heads.classifier_logits(params, hidden, batch["attention_mask"], style=style,
-                                       dropout_rate=config.hidden_dropout, key=k_head)
-
-    return frozen, trainable, logits_fn
-
-
-def build_multiple_choice(model: Model, peft_config: PeftConfig, key: jax.Array,
-                          dtype: Any = jnp.float32, *, head: str | None = None,
-                          shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
-    """Multiple-choice scoring: every (context, choice) sequence gets one score from a 1-output classifier head;
-    batch arrays are [B, C, S] (C choices) and `logits_fn(trainable, frozen, batch, key=None)` returns [B, C]
-    (softmax over choices; for MultiRC-style binary answers use `build_classifier` with 2 labels instead)."""
-    frozen, trainable, score_fn = build_classifier(model, 1, peft_config, key, dtype, head=head,
-                                                   shapes_only=shapes_only)
-
-    def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
-                  key: jax.Array | None = None) -> jax.Array:
-        b, c, s = batch["input_ids"].shape
-        flat = {k: v.reshape(b * c, s) for k, v in batch.items() if v.ndim == 3}
-        return score_fn(trainable, frozen, flat, key).reshape(b, c)
-
-    return frozen, trainable, logits_fn
-
-
-def build_qa(model: Model, peft_config: PeftConfig, key: jax.Array,
-             dtype: Any = jnp.float32, *, shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
-    """Extractive QA (SQuAD v2): `logits_fn(trainable, frozen, batch, key=None)` returns start/end logits
-    [B, S, 2] over the (question, context) tokens, padding masked out; position 0 stands for "no answer"."""
-    config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only,
-                                       lambda cfg, k: heads.init_qa(cfg.hidden_size, k), lambda cfg: ())
-    adapter = adapter_options(peft_config)
-
-    def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
-                  key: jax.Array | None = None) -> jax.Array:
-        params = merge(frozen, trainable)
-        hidden = models.apply(params, batch, config=config, adapter=adapter, key=key)
-        return heads.qa_logits(params, hidden, batch["attention_mask"])
-
-    return frozen, trainable, logits_fn

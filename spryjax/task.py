@@ -115,3 +115,46 @@ def summarize(sums: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def add_sums(a: dict | None, b: dict) -> dict:
     """Elementwise sum of two evaluation-sum dicts (a may be None)."""
     return b if a is None else jax.tree.map(lambda x, y: x + y, a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Objectives: per-item (loss, correct, weight), for models whose items are examples or tokens
+
+
+def classification_objective(logits: jax.Array, batch: dict, *, label_key: str = "label"
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per example: (cross-entropy ℓ_i [B], correct_i [B], weight m_i = batch["mask"] [B])."""
+    logits = logits.astype(jnp.float32)
+    labels = batch[label_key]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses, (jnp.argmax(logits, -1) == labels).astype(jnp.float32), batch["mask"].astype(jnp.float32)
+
+
+def next_word_objective(logits: jax.Array, batch: dict, *, pad_id: int = 0, label_key: str = "label"
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per token: (cross-entropy [B, T], correct [B, T], weight [B, T] = example mask × (label ≠ pad_id)).
+
+    Padding targets count for nothing, as in the released code (CrossEntropyLoss(ignore_index=0)); out-of-vocabulary
+    and end-of-sentence targets count like any word."""
+    logits = logits.astype(jnp.float32)
+    labels = batch[label_key]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    weights = batch["mask"].astype(jnp.float32)[:, None] * (labels != pad_id)
+    return losses, (jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights
+
+
+Objective = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def objective_task(logits_fn: Callable[..., jax.Array], objective: Objective) -> Task:
+    """A `Task` from per-item (loss, correct, weight): loss = Σ w ℓ / max(Σ w, 1); evaluate sums count = Σ w,
+    loss = Σ w ℓ, correct = Σ w·correct (so accuracy is per token for next-word prediction)."""
+    def loss(trainable, frozen, batch, key=None):
+        losses, _, weights = objective(logits_fn(trainable, frozen, batch, key), batch)
+        return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def evaluate(trainable, frozen, batch):
+        losses, correct, weights = objective(logits_fn(trainable, frozen, batch, None), batch)
+        return {"count": jnp.sum(weights), "loss": jnp.sum(losses * weights), "correct": jnp.sum(correct * weights)}
+
+    return Task(loss, evaluate)

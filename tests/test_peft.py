@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spryjax import fwdgrad, models, peft
+from spryjax import fwdgrad, lm_tasks, models, peft
 from spryjax.errors import InputError
 from spryjax.models import hf
 from spryjax.models.layers import AdapterOptions, dense
+from spryjax.pytrees import count_params
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KEY = jax.random.key(0)
@@ -19,7 +20,7 @@ TINY = dataclasses.replace(models.preset("tiny"), num_layers=1)  # every layer a
 
 
 def _build(model, method="lora", **kwargs):
-    return peft.build_classifier(model, 2, peft.PeftConfig(method=method, **kwargs), KEY, shapes_only=True)
+    return lm_tasks.build_classifier(model, 2, peft.PeftConfig(method=method, **kwargs), KEY, shapes_only=True)
 
 
 def _paths(tree):
@@ -59,11 +60,11 @@ def test_lora_targets_accept_hugging_face_names():
 def test_frozen_tree_keeps_optional_parts_only_when_used():
     config = models.preset("tiny-llama")  # untied: an LM head of its own
     assert "lm_head" not in _build(config)[0]
-    frozen, _, _ = peft.build_classifier(config, 2, peft.PeftConfig(), KEY, head="lm_labels", label_token_ids=[3, 4],
+    frozen, _, _ = lm_tasks.build_classifier(config, 2, peft.PeftConfig(), KEY, head="lm_labels", label_token_ids=[3, 4],
                                          shapes_only=True)
     assert "lm_head" in frozen and "head" not in frozen
     assert "pooler" in _build(models.preset("tiny"))[0]
-    assert "pooler" not in peft.build_classifier(models.preset("tiny"), 2, peft.PeftConfig(), KEY, head="mean",
+    assert "pooler" not in lm_tasks.build_classifier(models.preset("tiny"), 2, peft.PeftConfig(), KEY, head="mean",
                                                  shapes_only=True)[0]
 
 
@@ -72,16 +73,16 @@ def test_param_counts_closed_form():
     d, f, n, v, p = config.hidden_size, config.intermediate_size, config.num_layers, config.vocab_size, 514
     head = (d * d + d) + (d * 2 + 2)  # RoBERTa head: dense D x D, out D x 2
     frozen, trainable, _ = _build(config, rank=4)
-    assert peft.count_params(trainable) == n * 2 * 4 * (d + d) + head
+    assert count_params(trainable) == n * 2 * 4 * (d + d) + head
     base = v * d + p * d + d + 2 * d + n * (4 * (d * d + d) + 2 * 2 * d + (d * f + f) + (f * d + d))
-    assert peft.count_params(frozen) == base
+    assert count_params(frozen) == base
     _, trainable, _ = _build(config, "ia3")                 # keys, values [D] and the FFN activation [F]
-    assert peft.count_params(trainable) == n * (d + d + f) + head
+    assert count_params(trainable) == n * (d + d + f) + head
     frozen, trainable, _ = _build(config, "bitfit")         # every bias: embedding norm, q k v o, 2 norms, 2 FFN
-    assert peft.count_params(trainable) == d + n * (4 * d + 2 * d + f + d) + head
-    assert peft.count_params(frozen) + peft.count_params(trainable) == base + head  # nothing held twice
+    assert count_params(trainable) == d + n * (4 * d + 2 * d + f + d) + head
+    assert count_params(frozen) + count_params(trainable) == base + head  # nothing held twice
     _, trainable, _ = _build(config, "classifier")
-    assert peft.count_params(trainable) == head
+    assert count_params(trainable) == head
     frozen, trainable, _ = _build(config, train_head=False)
     assert "head" not in trainable and "head" in frozen
     assert "total" in peft.summary(frozen, trainable)
@@ -97,7 +98,7 @@ def test_bad_peft_configs_raise_input_errors():
 
 
 def test_merge_shares_the_frozen_arrays():
-    frozen, trainable, _ = peft.build_classifier(TINY, 2, peft.PeftConfig(method="bitfit"), KEY)
+    frozen, trainable, _ = lm_tasks.build_classifier(TINY, 2, peft.PeftConfig(method="bitfit"), KEY)
     merged = peft.merge(frozen, trainable)
     for path in (("layers", 0, "query", "kernel"), ("embeddings", "word"), ("pooler", "kernel")):
         a, b = merged, frozen
@@ -106,7 +107,7 @@ def test_merge_shares_the_frozen_arrays():
         assert a is b
     assert merged["layers"][0]["query"]["bias"] is trainable["layers"][0]["query"]["bias"]
     assert "bias" not in frozen["layers"][0]["query"]  # split moved it, the frozen tree holds no stale copy
-    frozen, trainable, _ = peft.build_classifier(TINY, 2, peft.PeftConfig(), KEY)
+    frozen, trainable, _ = lm_tasks.build_classifier(TINY, 2, peft.PeftConfig(), KEY)
     node = peft.merge(frozen, trainable)["layers"][0]["value"]
     assert node["kernel"] is frozen["layers"][0]["value"]["kernel"]
     assert node["lora_b"] is trainable["layers"][0]["value"]["lora_b"]
@@ -146,14 +147,14 @@ def test_adapters_start_as_the_identity_and_bf16_bases_give_fp32_logits():
     """LoRA's B = 0 and IA3's scales = 1 at initialisation, so (by the dense test above) the adapted model starts as
     the base model; a bf16 base keeps fp32 adapters and gives fp32 logits close to the fp32 model's."""
     for method, init in (("lora", 0.0), ("ia3", 1.0)):
-        _, trainable, _ = peft.build_classifier(TINY, 3, peft.PeftConfig(method), KEY)
+        _, trainable, _ = lm_tasks.build_classifier(TINY, 3, peft.PeftConfig(method), KEY)
         for path, leaf in peft.ordered_leaves(trainable):
             if path.endswith(("lora_b", "ia3_in", "ia3_out")):
                 np.testing.assert_array_equal(leaf, init)
     batch = {"input_ids": jnp.arange(12).reshape(2, 6), "attention_mask": jnp.ones((2, 6), jnp.int32)}
     logits = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        frozen, trainable, logits_fn = peft.build_classifier(TINY, 3, peft.PeftConfig(), KEY, dtype)
+        frozen, trainable, logits_fn = lm_tasks.build_classifier(TINY, 3, peft.PeftConfig(), KEY, dtype)
         assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(dtype)}
         assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
         logits[dtype] = jax.jit(logits_fn)(trainable, frozen, batch)
@@ -162,15 +163,15 @@ def test_adapters_start_as_the_identity_and_bf16_bases_give_fp32_logits():
 
 
 def test_multiple_choice_and_qa_heads():
-    frozen, trainable, choice_fn = peft.build_multiple_choice(TINY, peft.PeftConfig(), KEY)
+    frozen, trainable, choice_fn = lm_tasks.build_multiple_choice(TINY, peft.PeftConfig(), KEY)
     ids = jax.random.randint(KEY, (2, 3, 6), 1, 1000)
     mask = jnp.ones_like(ids).at[:, :, 4:].set(0)
     scores = jax.jit(choice_fn)(trainable, frozen, {"input_ids": ids, "attention_mask": mask})
-    _, _, single_fn = peft.build_classifier(TINY, 1, peft.PeftConfig(), KEY)
+    _, _, single_fn = lm_tasks.build_classifier(TINY, 1, peft.PeftConfig(), KEY)
     one = jax.jit(single_fn)(trainable, frozen, {"input_ids": ids[1], "attention_mask": mask[1]})
     assert scores.shape == (2, 3)
     np.testing.assert_allclose(scores[1], one[:, 0], atol=1e-5)
-    frozen, trainable, qa_fn = peft.build_qa(TINY, peft.PeftConfig(), KEY)
+    frozen, trainable, qa_fn = lm_tasks.build_qa(TINY, peft.PeftConfig(), KEY)
     spans = jax.jit(qa_fn)(trainable, frozen, {"input_ids": ids[0], "attention_mask": mask[0]})
     assert spans.shape == (3, 6, 2)
     assert bool((spans[:, 4:] == jnp.finfo(jnp.float32).min).all()) and bool(jnp.isfinite(spans[:, :4]).all())
@@ -229,7 +230,7 @@ def test_forward_grad_through_all_adapters_of_minilm(minilm_first_layer):
     """LoRA (with its dropout on: the masks must match in primal and tangent passes), IA3 and BitFit leaves in one
     trainable tree (dense applies whatever sits beside a kernel), so one compile checks jvp through all of them."""
     pre = _no_model_dropout(minilm_first_layer)
-    trees = {m: peft.build_classifier(pre, 2, peft.PeftConfig(m), KEY) for m in ("lora", "ia3", "bitfit")}
+    trees = {m: lm_tasks.build_classifier(pre, 2, peft.PeftConfig(m), KEY) for m in ("lora", "ia3", "bitfit")}
     frozen, _, logits_fn = trees["bitfit"]  # its frozen tree lacks the biases, which the BitFit leaves provide
     trainable = peft.merge(peft.merge(trees["lora"][1], trees["ia3"][1]), trees["bitfit"][1])
     kinds = {path.rsplit("/", 1)[1] for path, _ in peft.ordered_leaves(trainable)}
@@ -240,6 +241,6 @@ def test_forward_grad_through_all_adapters_of_minilm(minilm_first_layer):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
 def test_forward_grad_through_each_peft_method_of_minilm(minilm_first_layer, method):
-    frozen, trainable, logits_fn = peft.build_classifier(_no_model_dropout(minilm_first_layer), 2,
+    frozen, trainable, logits_fn = lm_tasks.build_classifier(_no_model_dropout(minilm_first_layer), 2,
                                                          peft.PeftConfig(method), KEY)
     _check_forward_grad(logits_fn, trainable, frozen, dropout_key=jax.random.key(7))

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spryjax.data import partition as partitions
+from spryjax.data.dataset import Dataset
 from spryjax.errors import InputError
 
 
@@ -134,3 +136,42 @@ def take_batch(client: dict[str, jax.Array], index: jax.Array, mask: jax.Array) 
     batch = {k: jnp.take(v, index, axis=0) for k, v in client.items()}
     batch["mask"] = mask.astype(jnp.float32)
     return batch
+
+
+class Clients(NamedTuple):
+    """The same N clients' training examples and held-out examples."""
+    train: FederatedData
+    test: FederatedData
+
+
+def federate(data: Dataset, *, seed: int, partition: str = "dirichlet", num_clients: int = 100, alpha: float = 1.0,
+             equal_size: bool = True, examples_per_client: int | None = None, min_examples: int = 2,
+             test_fraction: float = 0.2, max_examples_per_client: int | None = None) -> Clients:
+    """All of `data`'s labelled examples (its train and test splits pooled) as federated clients, each with its own
+    held-out split.
+
+    partition: "iid" (`partition.iid` into `num_clients`), "dirichlet" (`partition.dirichlet_label_skew` with
+      `alpha`, `equal_size`, `examples_per_client`, into `num_clients`) or "natural" (one client per value of the
+      dataset's "client" key with at least `min_examples` examples; `num_clients` unused).
+    test_fraction: each client's held-out share (`partition.train_test_split`).
+    max_examples_per_client: a seeded random subset of larger clients' training examples (None: all).
+    """
+    arrays = {k: np.concatenate([data.train[k], data.test[k]]) for k in data.train}
+    labels = arrays["label"]
+    if partition == "iid":
+        parts = partitions.iid(len(labels), num_clients, seed=seed)
+    elif partition == "dirichlet":
+        parts = partitions.dirichlet_label_skew(labels, num_clients, alpha, seed=seed, equal_size=equal_size,
+                                                examples_per_client=examples_per_client)
+    elif partition == "natural":
+        if "client" not in arrays:
+            raise InputError(f"partition=natural: dataset {data.name!r} has no natural client key")
+        parts, _ = partitions.natural(arrays["client"], min_examples=min_examples)
+    else:
+        raise InputError(f"partition: unknown {partition!r}; known: iid, dirichlet, natural")
+    train_parts, test_parts = partitions.train_test_split(parts, test_fraction, seed=seed)
+    inputs = {k: v for k, v in arrays.items() if k not in ("client", "length")}
+    options = dict(lengths=arrays.get("length"), sequence_keys=data.sequence_keys, seed=seed)
+    return Clients(FederatedData.from_partition(inputs, train_parts, max_examples_per_client=max_examples_per_client,
+                                                **options),
+                   FederatedData.from_partition(inputs, test_parts, **options))

@@ -150,13 +150,6 @@ def load_aligned_pickle(path: str, *, name: str = "mosei", label_mode: str = "em
     return Dataset(name, splits["train"], splits[eval_split], num_classes, sequence_keys)
 
 
-def pickle_from_config(config, seed: int) -> Dataset:
-    """`DATASETS["mosei" | "mosi" | "iemocap"]`: config.path, config.label_mode, optional config.eval_split."""
-    del seed   # the pickles come with their splits
-    return load_aligned_pickle(config.path, name=config.name, label_mode=config.label_mode,
-                               eval_split=config.get("eval_split", "test"))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The synthetic delta task
 
@@ -268,13 +261,3 @@ def synthetic_dataset(*, seed: int, num_train: int = 4000, num_test: int = 1000,
                            speakers=np.arange(train_speakers, train_speakers + test_speakers), **common)
     sequence_keys = (*feature_sizes, *(f"mask_{m}" for m in feature_sizes))
     return Dataset("delta_synthetic", train, test, 2, sequence_keys)
-
-
-def synthetic_from_config(config, seed: int) -> Dataset:
-    """`DATASETS["delta_synthetic"]`: the fields of `config.data` other than `name` are `synthetic_dataset`'s
-    options; the data seed is config.data.seed if given, else the run's seed."""
-    options = {k: v for k, v in config.items() if k not in ("name", "seed")}
-    try:
-        return synthetic_dataset(seed=config.get("seed", seed), **options)
-    except TypeError as exc:
-        raise InputError(f"config.data (delta_synthetic): {exc}") from None

@@ -29,8 +29,8 @@ import numpy as np
 
 from spryjax.data import partition
 from spryjax.data.dataset import Dataset
-from spryjax.data.download import PathLike, locate, require_h5py
-from spryjax.data.text import load_rotten_tomatoes
+from spryjax.data.download import PathLike, locate, read_federated_h5
+from spryjax.data.rotten_tomatoes import load_rotten_tomatoes
 from spryjax.errors import InputError
 
 PAD = 0
@@ -81,7 +81,7 @@ def rt_nextword(*, vocab_size: int = 5000, seq_len: int = 20, test_fraction: flo
                 path: PathLike | None = None) -> Dataset:
     """Next-word prediction on the Rotten Tomatoes review snippets, one client per movie (offline).
 
-    Recipe: the 12,808 labelled snippets of `spryjax.data.text.load_rotten_tomatoes` (508 movies, 2–35 snippets
+    Recipe: the 12,808 labelled snippets of `spryjax.data.rotten_tomatoes.load_rotten_tomatoes` (508 movies, 2–35 snippets
     each) are grouped by movie; each movie's snippets are split by `partition.train_test_split(parts,
     test_fraction, seed=seed)` (at least one on each side); the vocabulary is the `vocab_size` most frequent
     `words` of the training snippets only; each snippet is one sentence of at most `seq_len` words.
@@ -132,19 +132,17 @@ def load_stackoverflow(*, vocab_size: int = 10_000, seq_len: int = 20, max_clien
             if len(vocab) == vocab_size:
                 break
             vocab[line.split()[0]] = len(vocab) + 1
-    h5py = require_h5py(what)
+
+    def read_user(group) -> list[list[str]]:
+        lines = group["tokens"][:max_sentences_per_client] if group is not None else []
+        return [bytes(s).decode("utf-8", "replace").split() for s in lines]
+
     splits = []
-    with h5py.File(folder / names[0], "r") as train_file, h5py.File(folder / names[1], "r") as test_file:
-        users = sorted(train_file["examples"].keys())
-        if max_clients is not None and max_clients < len(users):
-            users = sorted(np.random.default_rng(seed).choice(users, max_clients, replace=False).tolist())
-        for file in (train_file, test_file):
-            sentences, counts = [], []
-            for user in users:
-                lines = file["examples"][user]["tokens"][:max_sentences_per_client] if user in file["examples"] else []
-                sentences += [bytes(s).decode("utf-8", "replace").split() for s in lines]
-                counts.append(len(lines))
-            splits.append(_with_clients(encode(sentences, vocab, vocab_size=vocab_size, seq_len=seq_len), counts))
+    for users in read_federated_h5(what, folder / names[0], folder / names[1], read_user, max_clients=max_clients,
+                                   seed=seed):
+        sentences = [s for user in users for s in user]
+        splits.append(_with_clients(encode(sentences, vocab, vocab_size=vocab_size, seq_len=seq_len),
+                                    [len(user) for user in users]))
     return _dataset("stackoverflow", splits[0], splits[1], vocab_size)
 
 

@@ -24,8 +24,7 @@ import numpy as np
 
 from spryjax.data import partition
 from spryjax.data.dataset import Dataset
-from spryjax.data.download import PathLike, locate, require_h5py
-from spryjax.data.text import package_data
+from spryjax.data.download import PathLike, locate, package_data, read_federated_h5
 from spryjax.errors import InputError
 
 EMNIST_URLS = {False: "https://storage.googleapis.com/tff-datasets-public/fed_emnist.tar.bz2",
@@ -83,20 +82,18 @@ def load_emnist(*, only_digits: bool = False, path: PathLike | None = None, cach
     names = [f"{stem}_train.h5", f"{stem}_test.h5"]
     folder = locate(what, names, path=path, url=EMNIST_URLS[only_digits], subdir="emnist", cache_dir=cache_dir,
                     download=download)
-    h5py = require_h5py(what)
+
+    def read_writer(group) -> tuple[np.ndarray, np.ndarray]:
+        if group is None:
+            return np.zeros((0, 28, 28), np.float32), np.zeros(0, np.int32)
+        return np.asarray(group["pixels"], np.float32), np.asarray(group["label"], np.int32).reshape(-1)
+
     splits = []
-    with h5py.File(folder / names[0], "r") as train_file, h5py.File(folder / names[1], "r") as test_file:
-        writers = sorted(train_file["examples"].keys())
-        if max_clients is not None and max_clients < len(writers):
-            writers = sorted(np.random.default_rng(seed).choice(writers, max_clients, replace=False).tolist())
-        for file in (train_file, test_file):
-            groups = [file["examples"][w] if w in file["examples"] else None for w in writers]
-            pixels = [np.asarray(g["pixels"], np.float32) if g is not None else np.zeros((0, 28, 28), np.float32)
-                      for g in groups]
-            labels = [np.asarray(g["label"], np.int32).reshape(-1) if g is not None else np.zeros(0, np.int32)
-                      for g in groups]
-            splits.append({"x": 1.0 - np.concatenate(pixels), "label": np.concatenate(labels),
-                           "client": np.repeat(np.arange(len(writers), dtype=np.int32), [len(l) for l in labels])})
+    for writers in read_federated_h5(what, folder / names[0], folder / names[1], read_writer,
+                                     max_clients=max_clients, seed=seed):
+        pixels, labels = zip(*writers)
+        splits.append({"x": 1.0 - np.concatenate(pixels), "label": np.concatenate(labels),
+                       "client": np.repeat(np.arange(len(writers), dtype=np.int32), [len(l) for l in labels])})
     return Dataset("emnist_digits" if only_digits else "emnist", splits[0], splits[1], 10 if only_digits else 62)
 
 
@@ -181,6 +178,17 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int32)
+
+
+def digits(*, seed: int, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's 8×8 digits as flat 64-pixel rows in [0, 1], split by a seeded permutation
+    (`np.random.default_rng(seed)`): the first ⌊(1 − test_fraction) n⌋ examples train, the rest test."""
+    x, y = load_sklearn_digits()
+    x = x.reshape(len(y), -1)
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = int((1.0 - test_fraction) * len(y))
+    split = lambda idx: {"x": x[idx], "label": y[idx]}
+    return Dataset("digits", split(order[:cut]), split(order[cut:]), 10)
 
 
 class ClientStyle(NamedTuple):

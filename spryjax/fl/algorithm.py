@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from spryjax.data.federated import batch_indices, take_batch
+from spryjax.pytrees import tree_bytes
 from spryjax.task import Task
 
 PyTree = Any
@@ -44,7 +45,7 @@ class ClientOutput(NamedTuple):
 
 
 class Communication(NamedTuple):
-    """Bytes moved in one round for the whole cohort."""
+    """Bytes moved in one round for the whole cohort (`FederatedAlgorithm.bytes_per_round`)."""
     down: int
     up: int
 
@@ -62,11 +63,12 @@ class FederatedAlgorithm(NamedTuple):
         sums over the client's held-out examples (see spryjax.task), by group: "generalized" uses the global
         model; algorithms with personalization add groups (e.g. "personalized", after local finetuning).
         The engine logs `<group>_<metric>`, e.g. generalized_accuracy.
-    communication(params_like, cohort_size) -> Communication
-    eager_clients: client_update may also run un-jitted. The engine's "loop" strategy then calls it eagerly and
-        `local_training` dispatches one jitted step per minibatch (see `local_training`). Only for algorithms
-        whose local loss and gradient function are the same objects for every client (no per-client closures),
-        or every client would compile its own step.
+    bytes_per_round(params_like, cohort_size) -> Communication: bytes down and up for the cohort
+    eager_client_update: optional, the same client update for concrete (host) arrays, whose local training is
+        `dispatched_local_training`: one jitted step per real minibatch instead of one program per client. The
+        engine's "loop" strategy calls it where given (faster on CPU), else `jax.jit(client_update)`. Only for
+        algorithms whose local loss, gradient function and optimizer are the same objects for every client (no
+        per-client closures), or every client would compile its own step.
     """
     name: str
     init: Callable[[PyTree, jax.Array], ServerState]
@@ -74,17 +76,12 @@ class FederatedAlgorithm(NamedTuple):
     client_update: Callable[..., ClientOutput]
     server_update: Callable[[ServerState, PyTree], ServerState]
     evaluate_client: Callable[..., dict[str, jax.Array]]
-    communication: Callable[[PyTree, int], Communication]
-    eager_clients: bool = False
+    bytes_per_round: Callable[[PyTree, int], Communication]
+    eager_client_update: Callable[..., ClientOutput] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces algorithms are built from
-
-
-def tree_bytes(tree: PyTree) -> int:
-    """Bytes of all leaves (arrays or ShapeDtypeStructs)."""
-    return sum(int(jnp.size(x)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def init_with_optimizer(server_optimizer: optax.GradientTransformation) -> Callable[[PyTree, jax.Array], ServerState]:
@@ -99,7 +96,7 @@ def apply_server_optimizer(server_optimizer: optax.GradientTransformation) -> Ca
     return server_update
 
 
-def full_model_communication(params_like: PyTree, cohort_size: int) -> Communication:
+def full_model_bytes(params_like: PyTree, cohort_size: int) -> Communication:
     """Every client downloads and uploads the whole trainable tree."""
     size = tree_bytes(params_like)
     return Communication(down=size * cohort_size, up=size * cohort_size)
@@ -137,13 +134,15 @@ def sum_over_batches(fn: Callable[[dict], PyTree], data: dict, count: jax.Array,
     return jax.lax.scan(body, zero, rows)[0]
 
 
+# (loss_fn, params, key, *args, mask=None) -> (loss, grad): the signature `spryjax.fwdgrad`'s estimators share.
+# `mask` (booleans, a prefix of params, may be traced) names the leaves being trained; an estimator may use it
+# (forward gradients draw tangents only there), backprop ignores it (local training zeroes the others' updates).
 GradientFn = Callable[..., tuple[jax.Array, PyTree]]
 
 
-def backprop(loss_fn, params, key, *args):
-    """The gradient of `loss_fn(params, *args)` by reverse mode, in the signature forward-gradient estimators share
-    ((loss_fn, params, key, *args) -> (loss, grad)); `key` is unused."""
-    del key
+def backprop(loss_fn, params, key, *args, mask=None):
+    """The gradient of `loss_fn(params, *args)` by reverse mode, as a `GradientFn`; `key` and `mask` are unused."""
+    del key, mask
     return jax.value_and_grad(loss_fn)(params, *args)
 
 
@@ -176,30 +175,24 @@ def local_training(task: Task, params: PyTree, frozen: PyTree, data: dict, count
                    unroll: int | bool = 1, skip_padding: bool = True) -> tuple[PyTree, dict[str, jax.Array]]:
     """`epochs` passes of minibatch training over a client's `count` real examples (padded to P rows).
 
-    Each step: (ℓ, g) = gradient_fn(loss, θ, k_step, frozen, batch, k_dropout); θ ← θ + optimizer(g). Batches
+    Each step: (ℓ, g) = gradient_fn(loss, θ, k_step, frozen, batch, k_dropout, mask=update_mask);
+    θ ← θ + optimizer(g) on the leaves in `update_mask`. Batches
     made only of padding leave θ and the optimizer state unchanged, so clients of different sizes share one
     static shape. `max_steps` truncates to the first steps (FedSGD: 1). `loss_fn(θ, frozen, batch, key)`
     defaults to `task.loss` (FedProx adds its proximal term). `update_mask` (booleans with θ's structure, may be
     traced) freezes the leaves outside it, weight decay included (Spry's split).
 
-    Traced (inside jit or vmap) the steps are a `lax.scan`. `unroll` is passed to it (XLA:CPU picked a 3× slower
-    layout for conv weight gradients in a rolled loop). `skip_padding=False` keeps padding batches from changing
-    anything by a select instead of a `lax.cond`: every step is computed, but no step sits in a nested XLA
+    The steps are a `lax.scan` (to run inside jit or vmap; `dispatched_local_training` is the same training for
+    concrete arrays, one jitted step per real minibatch). `unroll` is passed to the scan (XLA:CPU picked a 3×
+    slower layout for conv weight gradients in a rolled loop). `skip_padding=False` keeps padding batches from
+    changing anything by a select instead of a `lax.cond`: every step is computed, but no step sits in a nested XLA
     computation, where XLA:CPU ran a small CNN's training step 16× slower (103 vs 6.4 ms, jax 0.10); with
     `unroll=True` the whole loop is then straight-line code.
-    Called eagerly (concrete arrays: the "loop" strategy with `FederatedAlgorithm.eager_clients`), each real step
-    is one call of a jitted step and padding batches are skipped on the host: on a 2-core CPU one jitted step
-    of that CNN took 8.6 ms against 12.3 ms per step of five steps fused into one program. Same keys, batches
-    and arithmetic either way.
 
     Returns θ after training and {"loss": mean loss over real steps, "steps": their number}.
     """
     loss_fn = loss_fn or task.loss
     capacity = next(iter(data.values())).shape[0]
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, data, count, key))):
-        return _dispatched_training(params, frozen, data, count, key, capacity=capacity, batch_size=batch_size,
-                                    epochs=epochs, max_steps=max_steps, update_mask=update_mask,
-                                    loss_fn=loss_fn, gradient_fn=gradient_fn, optimizer=optimizer)
     index, mask, step_keys = local_steps(key, count, capacity, batch_size, epochs)
     if max_steps is not None:
         index, mask, step_keys = index[:max_steps], mask[:max_steps], step_keys[:max_steps]
@@ -230,47 +223,45 @@ def _train_step(carry, batch, k, *, frozen, update_mask, loss_fn, gradient_fn, o
     """One optimizer step of `local_training` on `batch`: carry = (θ, optimizer state) -> (carry, loss)."""
     params, opt_state = carry
     estimator_key, dropout_key = jax.random.split(k)  # as in first_batch
-    loss, grads = gradient_fn(loss_fn, params, estimator_key, frozen, batch, dropout_key)
+    loss, grads = gradient_fn(loss_fn, params, estimator_key, frozen, batch, dropout_key, mask=update_mask)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     if update_mask is not None:
         updates = jax.tree.map(lambda u, keep: jnp.where(keep, u, jnp.zeros_like(u)), updates, update_mask)
     return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "gradient", "options", "optimizer"))
-def _dispatched_step(carry, data, plan, s, frozen, update_mask, arrays, *, loss_fn, gradient, options, optimizer):
-    """`_train_step` on minibatch s of plan = `local_steps(...)`, as its own XLA program. The gradient function
-    arrives split (see `_split_partial`) so that a per-client functools.partial hits the compilation cache."""
+@functools.partial(jax.jit, static_argnames=("loss_fn", "gradient_fn", "optimizer"))
+def _dispatched_step(carry, data, plan, s, frozen, update_mask, *, loss_fn, gradient_fn, optimizer):
+    """`_train_step` on minibatch s of plan = `local_steps(...)`, as its own XLA program (one per shape)."""
     index, mask, keys = plan
-    gradient_fn = functools.partial(gradient, **dict(options), **arrays)
     return _train_step(carry, take_batch(data, index[s], mask[s]), keys[s], frozen=frozen, update_mask=update_mask,
                        loss_fn=loss_fn, gradient_fn=gradient_fn, optimizer=optimizer)
 
 
-def _split_partial(fn: Callable) -> tuple[Callable, tuple, dict]:
-    """(function, hashable keywords, array keywords) of a functools.partial (Spry binds its per-client tensor
-    mask this way); (fn, (), {}) for anything else."""
-    if not isinstance(fn, functools.partial) or fn.args:
-        return fn, (), {}
-    hashable = (bool, int, float, str, type(None))
-    static = tuple(sorted((k, v) for k, v in fn.keywords.items() if isinstance(v, hashable)))
-    return fn.func, static, {k: v for k, v in fn.keywords.items() if not isinstance(v, hashable)}
-
-
-def _dispatched_training(params, frozen, data, count, key, *, capacity, batch_size, epochs, max_steps,
-                         update_mask, loss_fn, gradient_fn, optimizer):
-    """`local_training` for concrete arrays: a host loop over the real minibatches, one jitted step each. Which
-    batches are real follows from `count` alone (`batch_indices` puts the real rows first in every epoch), so the
-    host never waits for the device and dispatch overlaps compute."""
+def dispatched_local_training(task: Task, params: PyTree, frozen: PyTree, data: dict, count: jax.Array,
+                              key: jax.Array, *, optimizer: optax.GradientTransformation, batch_size: int,
+                              epochs: int = 1, max_steps: int | None = None, gradient_fn: GradientFn = backprop,
+                              loss_fn: Callable[..., jax.Array] | None = None, update_mask: PyTree | None = None,
+                              unroll: int | bool = 1, skip_padding: bool = True
+                              ) -> tuple[PyTree, dict[str, jax.Array]]:
+    """`local_training` for concrete arrays (same keys, batches and arithmetic): a host loop over the real
+    minibatches, each one call of a jitted step, padding batches skipped on the host. Which batches are real follows
+    from `count` alone (`batch_indices` puts the real rows first in every epoch), so the host never waits for the
+    device and dispatch overlaps compute. On a 2-core CPU one jitted step of a small CNN took 8.6 ms against 12.3
+    ms per step of five steps fused into one program. The step compiles once per shape as long as `loss_fn`,
+    `gradient_fn` and `optimizer` are the same objects from client to client (`update_mask` is an array argument).
+    `unroll` and `skip_padding` are accepted for `local_training`'s signature and have nothing to control here."""
+    del unroll, skip_padding
+    loss_fn = loss_fn or task.loss
+    capacity = next(iter(data.values())).shape[0]
     plan = _jitted_local_steps(key, count, capacity, batch_size, epochs)
     per_epoch = -(-capacity // batch_size)
     real = np.tile(np.arange(per_epoch) < -(-int(count) // batch_size), epochs)[:max_steps]
     data = jax.device_put(data)
-    gradient, options, arrays = _split_partial(gradient_fn)
     carry, losses = (params, optimizer.init(params)), []
     for s in np.flatnonzero(real).astype(np.int32):
-        carry, loss = _dispatched_step(carry, data, plan, s, frozen, update_mask, arrays,
-                                       loss_fn=loss_fn, gradient=gradient, options=options, optimizer=optimizer)
+        carry, loss = _dispatched_step(carry, data, plan, s, frozen, update_mask, loss_fn=loss_fn,
+                                       gradient_fn=gradient_fn, optimizer=optimizer)
         losses.append(loss)
     steps = len(losses)
     mean_loss = sum(losses) / steps if steps else jnp.float32(0)

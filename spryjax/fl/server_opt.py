@@ -2,6 +2,7 @@
 (Reddi et al. 2021, "Adaptive Federated Optimization"). FedAvg, FedAvgM, FedAdam, FedAdagrad and FedYogi differ
 only in the transform:
 
+    name         update                                   transform             (`SERVER_OPTIMIZERS`)
     fedavg       θ ← θ − η u                              optax.sgd(η)          (η = 1: plain model averaging)
     fedavgm      m ← β m + u;  θ ← θ − η m                optax.sgd(η, β)
     fedadam      optax.adam(η, β1, β2, eps=τ)             (optax's bias-corrected Adam)
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spryjax.errors import InputError
 
 
 class FlowerYogiState(NamedTuple):
@@ -49,19 +49,33 @@ def flower_yogi(learning_rate: float = 1e-2, *, b1: float = 0.9, b2: float = 0.9
     return optax.GradientTransformation(init, update)
 
 
-def server_optimizer(name: str, learning_rate: float | None = None, *, momentum: float = 0.9, b1: float = 0.9,
-                     b2: float = 0.99, tau: float = 1e-3) -> optax.GradientTransformation:
-    """The server optimizer by name (see the module docstring); `learning_rate` None takes each one's default."""
-    # `is None`, not `or`: the rate may be a traced array (a vectorized sweep over server learning rates)
-    lr = lambda default: default if learning_rate is None else learning_rate
-    table = {
-        "fedavg": lambda: optax.sgd(lr(1.0)),
-        "fedavgm": lambda: optax.sgd(lr(1.0), momentum=momentum),
-        "fedadam": lambda: optax.adam(lr(1e-2), b1=b1, b2=b2, eps=tau),
-        "fedadagrad": lambda: optax.adagrad(lr(1e-1), eps=tau),
-        "fedyogi": lambda: optax.yogi(lr(1e-2), b1=b1, b2=b2, eps=tau),
-        "flower_yogi": lambda: flower_yogi(lr(1e-2), b1=b1, b2=b2, tau=tau),
-    }
-    if name not in table:
-        raise InputError(f"server optimizer: unknown name {name!r}; known: {', '.join(table)}")
-    return table[name]()
+def fedavg(learning_rate: float = 1.0) -> optax.GradientTransformation:
+    """θ ← θ − η u; η = 1 is plain model averaging."""
+    return optax.sgd(learning_rate)
+
+
+def fedavgm(learning_rate: float = 1.0, *, momentum: float = 0.9) -> optax.GradientTransformation:
+    """m ← β m + u; θ ← θ − η m."""
+    return optax.sgd(learning_rate, momentum=momentum)
+
+
+def fedadam(learning_rate: float = 1e-2, *, b1: float = 0.9, b2: float = 0.99,
+            tau: float = 1e-3) -> optax.GradientTransformation:
+    """optax's bias-corrected Adam with ε = τ."""
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=tau)
+
+
+def fedadagrad(learning_rate: float = 1e-1, *, tau: float = 1e-3) -> optax.GradientTransformation:
+    """optax's Adagrad with ε = τ."""
+    return optax.adagrad(learning_rate, eps=tau)
+
+
+def fedyogi(learning_rate: float = 1e-2, *, b1: float = 0.9, b2: float = 0.99,
+            tau: float = 1e-3) -> optax.GradientTransformation:
+    """optax's Yogi with ε = τ."""
+    return optax.yogi(learning_rate, b1=b1, b2=b2, eps=tau)
+
+
+# name -> factory; each factory's signature holds its options and their defaults.
+SERVER_OPTIMIZERS = {"fedavg": fedavg, "fedavgm": fedavgm, "fedadam": fedadam, "fedadagrad": fedadagrad,
+                     "fedyogi": fedyogi, "flower_yogi": flower_yogi}

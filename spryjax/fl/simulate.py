@@ -15,24 +15,20 @@ Execution strategies (`strategy=`):
                accumulated across chunks: memory ∝ chunk size, so 4096 clients per round fit. Chunk size 1 is a
                sequential scan over clients.
     "loop"     a Python loop over clients (fedjax's `for_each_client` style): one jitted client_update per client,
-               or, for algorithms with `eager_clients`, one jitted step per local minibatch (faster on CPU);
-               `client_chunk_size` clients in flight on host threads; no per-client weight copies, no grouped
-               convolutions.
+               or, where the algorithm gives an `eager_client_update`, one jitted step per local minibatch
+               (faster on CPU); `client_chunk_size` clients in flight on host threads; no per-client weight
+               copies, no grouped convolutions.
     "auto"     "loop" on CPU when one client's step is large (≥ `AUTO_LOOP_FLOPS`), with one client in flight per
                core (at most 8; 2 clients on 2 cores ran the CNN at 1.3× one), else "chunked" with a chunk of
-               16 × devices clients; on GPU/TPU "chunked" sized from device memory. See
-               scripts/bench_throughput.py for the measurements behind this rule.
+               16 × devices clients (also on GPU/TPU, whatever their memory: set `client_chunk_size` to size
+               chunks to a device). See scripts/bench_throughput.py for the measurements behind this rule.
 
-Per round a JSONL record: round, train loss, communication bytes, wall time, examples/s, client-steps/s; every
-`eval_every` rounds the held-out metrics of each group the algorithm's evaluate_client returns (e.g.
-generalized_accuracy). Checkpoints every `checkpoint_every` rounds; a workdir holding checkpoints resumes.
-A non-finite training loss stops the run (`Diverged`), keeping the last good checkpoint.
+The host loop around the rounds (metrics.jsonl records, evaluation every `eval_every` rounds, checkpoints,
+resuming, divergence) is `spryjax.fl.host_loop`, shared with vectorized sweeps.
 """
 from __future__ import annotations
 
-import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
 
@@ -41,13 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spryjax.checkpoint import Checkpointer
 from spryjax.data.federated import FederatedData
 from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
 from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, ServerState
+from spryjax.fl.host_loop import LoopOptions, MemberStates, run_rounds
 from spryjax.memory import MemoryReport, memory_of
-from spryjax.metrics import MetricsWriter, progress, read_metrics
 from spryjax.task import summarize
 
 PyTree = Any
@@ -57,14 +52,11 @@ INIT_STREAM, EVAL_STREAM = 2**31 - 1, 2**31 - 2
 AUTO_LOOP_FLOPS = 5e7  # per client step; above it the CPU loop beat vmapped chunks (scripts/bench_throughput.py)
 
 
-class Diverged(RuntimeError):
-    """A non-finite training loss; the message names the round and the last good checkpoint."""
-
-
 class RoundPlan(NamedTuple):
     strategy: str        # "vmap", "chunked" or "loop"
-    chunk: int           # clients vmapped together (a multiple of the device count); loop: clients in flight
-    num_chunks: int      # sequential chunks per round; chunk × num_chunks ≥ cohort size (the rest is padding)
+    chunk_size: int      # clients vmapped together (a multiple of the device count); 1 for the loop
+    num_chunks: int      # sequential chunks per round; chunk_size × num_chunks ≥ cohort size (the rest is padding)
+    in_flight: int = 1   # loop: clients trained at once on host threads
 
 
 def plan_round(strategy: str, cohort_size: int, num_devices: int, *, client_chunk_size: int | None = None,
@@ -81,8 +73,7 @@ def plan_round(strategy: str, cohort_size: int, num_devices: int, *, client_chun
             strategy = "chunked"
             client_chunk_size = client_chunk_size or 16 * num_devices
     if strategy == "loop":
-        in_flight = min(client_chunk_size or 1, cohort_size)
-        return RoundPlan("loop", in_flight, -(-cohort_size // in_flight))
+        return RoundPlan("loop", 1, cohort_size, in_flight=min(client_chunk_size or 1, cohort_size))
     chunk = cohort_size if strategy == "vmap" else min(client_chunk_size or cohort_size, cohort_size)
     chunk = -(-chunk // num_devices) * num_devices
     return RoundPlan(strategy, chunk, -(-cohort_size // chunk))
@@ -144,7 +135,8 @@ def round_function(algorithm: FederatedAlgorithm, plan: RoundPlan, *, unroll: in
     `spryjax.fl.vectorized` vmaps it over sweep members."""
     def round_fn(state, frozen, data, counts, round_key):
         broadcast = algorithm.broadcast(state)
-        slots = jnp.arange(plan.num_chunks * plan.chunk, dtype=jnp.int32).reshape(plan.num_chunks, plan.chunk)
+        slots = jnp.arange(plan.num_chunks * plan.chunk_size, dtype=jnp.int32).reshape(plan.num_chunks,
+                                                                                        plan.chunk_size)
 
         def chunk_step(acc, inputs):
             chunk_data, chunk_counts, chunk_slots = inputs
@@ -167,7 +159,7 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
     loop: data {name: [C, P, ...]} host arrays, counts [C]; a host loop over the clients.
     """
     if plan.strategy == "loop":
-        return _build_loop_round(algorithm, plan.chunk)
+        return _build_loop_round(algorithm, plan.in_flight)
     round_fn = round_function(algorithm, plan, unroll=unroll)
     if mesh is None:
         return jax.jit(round_fn, donate_argnums=0)
@@ -178,8 +170,7 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
 def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1) -> Callable:
     """The loop strategy. `in_flight` > 1 runs that many clients at once on host threads (JAX releases the GIL
     while XLA computes); outputs are accumulated in slot order either way, so the sums are the same."""
-    # eager_clients: client_update runs un-jitted and its local training dispatches one jitted step per batch
-    client = algorithm.client_update if algorithm.eager_clients else jax.jit(algorithm.client_update)
+    client = algorithm.eager_client_update or jax.jit(algorithm.client_update)
     add = jax.jit(lambda acc, out, n: accumulate(acc, jax.tree.map(lambda x: x[None], out), n[None]))
     first = jax.jit(lambda out, n: accumulate(None, jax.tree.map(lambda x: x[None], out), n[None]))
     broadcast = jax.jit(algorithm.broadcast)
@@ -249,9 +240,9 @@ def sample_cohort(seed: int, round_: int, num_clients: int, cohort_size: int) ->
 
 def chunked(arrays: dict[str, np.ndarray], counts: np.ndarray, plan: RoundPlan) -> tuple[dict, np.ndarray]:
     """[C, ...] → [num_chunks, chunk, ...], padding with empty clients (count 0)."""
-    total = plan.num_chunks * plan.chunk
+    total = plan.num_chunks * plan.chunk_size
     pad = lambda x: np.concatenate([x, np.zeros((total - len(x),) + x.shape[1:], x.dtype)])
-    reshape = lambda x: pad(x).reshape((plan.num_chunks, plan.chunk) + x.shape[1:])
+    reshape = lambda x: pad(x).reshape((plan.num_chunks, plan.chunk_size) + x.shape[1:])
     return {k: reshape(v) for k, v in arrays.items()}, reshape(counts)
 
 
@@ -294,20 +285,28 @@ def client_step_cost(algorithm: FederatedAlgorithm, frozen, params, data: Federa
     return StepCost(float((cost or {}).get("flops", 0.0)), memory_of(compiled))
 
 
-def run(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: FederatedData, test: FederatedData,
-        *, num_rounds: int, clients_per_round: int, seed: int, batch_size: int, strategy: str = "auto",
-        client_chunk_size: int | None = None, eval_every: int = 10, eval_clients: int | None = None,
-        eval_chunk_size: int | None = None, checkpoint_every: int | None = None, workdir: str | None = None,
-        mesh: Mesh | None = None, unroll: int | bool = 1, show_progress: bool = True,
-        on_round: Callable[[int, dict], None] | None = None) -> RunResult:
+def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: FederatedData,
+                   test: FederatedData, *, num_rounds: int, clients_per_round: int, seed: int, batch_size: int,
+                   strategy: str = "auto", client_chunk_size: int | None = None, eval_every: int = 10,
+                   eval_clients: int | None = None, eval_chunk_size: int | None = None,
+                   checkpoint_every: int | None = None, workdir: str | None = None, mesh: Mesh | None = None,
+                   unroll: int | bool = 1, show_progress: bool = True) -> RunResult:
     """Runs `num_rounds` rounds of `algorithm` (see the module docstring) and returns the final state.
 
     Args:
       params, frozen: the trainable tree θ and the frozen tree every client holds (not communicated).
       train, test: the same clients' training and held-out examples.
       batch_size: client minibatch size; client data is padded to a multiple of it.
-      eval_clients: evaluate on the first `eval_clients` clients (default all); eval_every=0 disables.
-      workdir: metrics.jsonl and checkpoints/; an existing checkpoint there is resumed.
+      strategy, client_chunk_size: how clients execute (see `plan_round`); chunk size None lets the strategy pick.
+      eval_every: evaluate every this many rounds and at the last (0: never), on the first `eval_clients`
+        clients (None: all).
+      checkpoint_every: save the state every this many rounds and at the last (None: never).
+      workdir: metrics.jsonl and checkpoints/; an existing checkpoint there is resumed (`spryjax.fl.host_loop`).
+
+    Example:
+      >>> result = run_simulation(fedavg(task, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+      ...                                batch_size=8), params, {}, train, test, num_rounds=30,
+      ...                         clients_per_round=10, seed=0, batch_size=8)
     """
     num_clients = train.num_clients
     if not 1 <= clients_per_round <= num_clients:
@@ -319,80 +318,43 @@ def run(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: Fe
     plan = plan_round(strategy, clients_per_round, num_devices, client_chunk_size=client_chunk_size,
                       step_flops=step.flops)
     round_mesh = None if plan.strategy == "loop" else mesh
-    round_fn = build_round(algorithm, plan, round_mesh, unroll=unroll)
+    compiled_round = build_round(algorithm, plan, round_mesh, unroll=unroll)
     root = jax.random.key(seed)
-    main = mesh_lib.is_main_process()
-
-    state = algorithm.init(params, jax.random.fold_in(root, INIT_STREAM))
     frozen = place(frozen, round_mesh, clients_axis=None)
-    state = place(state, round_mesh, clients_axis=None)
-    writer = MetricsWriter(workdir) if (workdir and main) else None
-    if writer and not read_metrics(workdir):
-        writer.write({"summary": "client_step", "flops": step.flops,
-                      **{f"{k}_bytes": v for k, v in step.memory.as_dict().items()}})
-    checkpointer = Checkpointer(workdir) if (workdir and checkpoint_every) else None
-    start_round, history = 0, []
-    if checkpointer and checkpointer.latest_round() is not None:
-        start_round = checkpointer.latest_round()
-        state = checkpointer.restore(start_round, state)
-        if writer:
-            writer.truncate_after("round", start_round)
-        history = [r for r in read_metrics(workdir) if 0 < r.get("round", 0) <= start_round]
+    state = place(algorithm.init(params, jax.random.fold_in(root, INIT_STREAM)), round_mesh, clients_axis=None)
 
-    evaluate = _evaluation(algorithm, train, test, eval_clients, eval_chunk_size or max(plan.chunk, 8 * num_devices),
-                           batch_size, mesh, num_devices) if eval_every else None
-    communication = algorithm.communication(jax.eval_shape(lambda: params), clients_per_round)
-    bar = progress(total=num_rounds, initial=start_round, desc=f"{algorithm.name} [{plan.strategy}"
-                   f"{'' if plan.strategy == 'loop' else f', {plan.chunk} clients/chunk'}]") if (
-        show_progress and main) else None
-    run_start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
-    last_good = start_round if checkpointer and checkpointer.latest_round() is not None else None
-    for round_ in range(start_round + 1, num_rounds + 1):
-        tick = time.perf_counter()
+    def round_fn(state, round_):
         cohort = sample_cohort(seed, round_, num_clients, clients_per_round)
         arrays, counts = train.gather(cohort, batch_size=batch_size)
         if plan.strategy != "loop":
             arrays, counts = chunked(arrays, counts, plan)
             arrays = place(arrays, round_mesh, clients_axis=1)
             counts = place(counts, round_mesh, clients_axis=1)
-        state, metrics = round_fn(state, frozen, arrays, counts, jax.random.fold_in(root, round_))
-        metrics = {k: float(v) for k, v in mesh_lib.to_host(metrics).items()}
-        seconds = time.perf_counter() - tick
-        record = round_record(round_, metrics, communication, seconds)
-        if evaluate and (round_ % eval_every == 0 or round_ == num_rounds):
-            record.update(evaluate(state, frozen, jax.random.fold_in(jax.random.fold_in(root, EVAL_STREAM), round_)))
-        record["wall_time"] = time.perf_counter() - run_start
-        if not math.isfinite(record.get("train_loss", 0.0)):
-            if writer:
-                writer.write(record)
-            where = (f"the last good checkpoint is round {last_good} in {checkpointer.directory}"
-                     if last_good is not None else "no checkpoint was saved")
-            raise Diverged(f"non-finite training loss at round {round_}; stopped ({where})")
-        history.append(record)
-        if writer:
-            writer.write(record)
-        if checkpointer and (round_ % checkpoint_every == 0 or round_ == num_rounds):
-            checkpointer.save(round_, state)
-            last_good = round_
-        if bar:
-            shown = {k: record[k] for k in ("train_loss", "generalized_accuracy") if k in record}
-            bar.set_postfix({k.replace("generalized_", "gen_"): f"{v:.4f}" for k, v in shown.items()})
-            bar.update()
-        if on_round:
-            on_round(round_, record)
-    if bar:
-        bar.close()
-    if checkpointer:
-        checkpointer.close()
+        state, metrics = compiled_round(state, frozen, arrays, counts, jax.random.fold_in(root, round_))
+        return state, [{k: float(v) for k, v in mesh_lib.to_host(metrics).items()}]
+
+    evaluate = None
+    if eval_every:
+        evaluate_state = _evaluation(algorithm, train, test, eval_clients,
+                                     eval_chunk_size or max(plan.chunk_size, 8 * num_devices), batch_size, mesh,
+                                     num_devices)
+        evaluate = lambda state, round_: [evaluate_state(state, frozen, jax.random.fold_in(
+            jax.random.fold_in(root, EVAL_STREAM), round_))]
+    shape = "" if plan.strategy == "loop" else f", {plan.chunk_size} clients/chunk"
+    state, (history,) = run_rounds(
+        state, round_fn, evaluate=evaluate, workdirs=[workdir], write=mesh_lib.is_main_process(),
+        options=LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress, on_divergence="stop"),
+        communication=algorithm.bytes_per_round(jax.eval_shape(lambda: params), clients_per_round),
+        summary=client_step_summary(step), members=MemberStates(
+            split=lambda state: [state], join=lambda states: place(states[0], round_mesh, clients_axis=None)),
+        desc=f"{algorithm.name} [{plan.strategy}{shape}]")
     return RunResult(state, history, plan, step)
 
 
-def round_record(round_: int, metrics: dict[str, float], communication, seconds: float) -> dict:
-    """A round's JSONL record from the round function's metrics (host floats)."""
-    return {"round": round_, **{k: v for k, v in metrics.items() if k.startswith("train_")},
-            "comm_down_bytes": communication.down, "comm_up_bytes": communication.up,
-            "round_seconds": seconds, "examples_per_s": metrics["examples"] / seconds,
-            "client_steps_per_s": metrics["client_steps"] / seconds}
+def client_step_summary(step: StepCost, **extra) -> dict:
+    """The first record of a run's metrics.jsonl: one client step's flops and compiled memory."""
+    return {"summary": "client_step", "flops": step.flops, **extra,
+            **{f"{k}_bytes": v for k, v in step.memory.as_dict().items()}}
 
 
 def evaluation_arrays(train: FederatedData, test: FederatedData, eval_clients: int | None, chunk: int,
@@ -416,7 +378,7 @@ def _evaluation(algorithm, train: FederatedData, test: FederatedData, eval_clien
     """A closure evaluating the state on a fixed set of clients (data gathered and placed once)."""
     plan, arrays = evaluation_arrays(train, test, eval_clients, chunk, batch_size, num_devices)
     placed = place(arrays, mesh, clients_axis=1)
-    evaluate = build_evaluation(algorithm, plan.chunk, plan.num_chunks, mesh)
+    evaluate = build_evaluation(algorithm, plan.chunk_size, plan.num_chunks, mesh)
     broadcast = jax.jit(algorithm.broadcast)
 
     def run_evaluation(state, frozen, key):

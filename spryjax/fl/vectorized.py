@@ -1,7 +1,7 @@
 """Vectorized sweeps: S federated runs that differ only in values, as ONE vmapped simulation, one jit per round.
 
 Member m (seed s_m, hyperparameters h_m, its own clients and initial parameters) runs exactly the rounds
-`spryjax.fl.simulate.run` would run for it alone:
+`spryjax.fl.simulate.run_simulation` would run for it alone:
 
     root_m   = key(s_m);  round key fold_in(root_m, r);  evaluation key fold_in(fold_in(root_m, EVAL), r)
                (derived inside the compiled round from the stacked roots and r: no per-member dispatch per round)
@@ -31,8 +31,6 @@ one client per device: the member axis then gives the vmap its width.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -40,13 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spryjax.checkpoint import Checkpointer
 from spryjax.data.federated import FederatedData, bucket_size
 from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
-from spryjax.fl import simulate
+from spryjax.fl import host_loop, simulate
 from spryjax.fl.algorithm import FederatedAlgorithm
-from spryjax.metrics import MetricsWriter, progress, read_metrics
 
 PyTree = Any
 # Tracing a hyperparameter that decides a shape or a Python branch raises one of these.
@@ -95,19 +91,21 @@ def _member(tree: PyTree, m: int) -> PyTree:
     return jax.tree.map(lambda x: x[m], tree)
 
 
-def run(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[Member], *, num_rounds: int,
-        clients_per_round: int, batch_size: int, strategy: str = "auto", client_chunk_size: int | None = None,
-        eval_every: int = 10, eval_clients: int | None = None, eval_chunk_size: int | None = None,
-        checkpoint_every: int | None = None, mesh: Mesh | None = None, unroll: int | bool = 1,
-        show_progress: bool = True) -> list[simulate.RunResult]:
+def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[Member], *,
+                   num_rounds: int, clients_per_round: int, batch_size: int, strategy: str = "auto",
+                   client_chunk_size: int | None = None, eval_every: int = 10, eval_clients: int | None = None,
+                   eval_chunk_size: int | None = None, checkpoint_every: int | None = None,
+                   mesh: Mesh | None = None, unroll: int | bool = 1, show_progress: bool = True
+                   ) -> list[simulate.RunResult]:
     """Runs `num_rounds` rounds of every member as one vmapped program (see the module docstring); returns each
-    member's RunResult as `simulate.run` would. Options mean what they mean in `simulate.run`.
+    member's RunResult as `simulate.run_simulation` would. Options mean what they mean there; a member whose
+    training loss turns non-finite leaves the sweep and the others run on (`host_loop`'s "drop_member").
 
     Example:
       >>> make = lambda h: fedavg(task, client_optimizer=optax.sgd(h["lr"]), server_optimizer=optax.sgd(1.0),
       ...                         batch_size=8)
       >>> members = [Member(params_s, {}, train_s, test_s, seed=s, hyperparams={"lr": 0.1}) for s ...]
-      >>> results = run(make, members, num_rounds=30, clients_per_round=10, batch_size=8)
+      >>> results = run_vectorized(make, members, num_rounds=30, clients_per_round=10, batch_size=8)
     """
     size = len(members)
     first = members[0]
@@ -123,7 +121,7 @@ def run(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[
     _same_structure([m.params for m in members], "parameters")
     _same_structure([m.frozen for m in members], "frozen trees")
 
-    algorithm = make_algorithm(first.hyperparams)  # host-side facts: name, communication, one client's cost
+    algorithm = make_algorithm(first.hyperparams)  # host-side facts: name, bytes per round, one client's cost
     mesh = mesh if mesh is not None else mesh_lib.client_mesh()
     num_devices = mesh.devices.size
     step = simulate.client_step_cost(algorithm, first.frozen, first.params, first.train, batch_size)
@@ -150,81 +148,43 @@ def run(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[
         return simulate.round_function(make_algorithm(h), plan, unroll=unroll)(
             state, frozen_m, data, counts, jax.random.fold_in(root, round_))
     replicated = NamedSharding(mesh, P())
-    round_fn = jax.jit(jax.vmap(member_round, in_axes=(0, 0, frozen_axis, 0, 0, 0, None)),
-                       out_shardings=(replicated, replicated), donate_argnums=1)
-
-    main = mesh_lib.is_main_process()
-    writers = [MetricsWriter(m.workdir) if (m.workdir and main) else None for m in members]
-    checkpointers = [Checkpointer(m.workdir) if (m.workdir and checkpoint_every) else None for m in members]
-    start_round, histories = _resume(members, checkpointers, writers)
-    if start_round:
-        host_state = _stack([c.restore(start_round, _member(host_state, m)) for m, c in enumerate(checkpointers)])
-    state = mesh_lib.replicate(host_state, mesh)
-    for m, writer in enumerate(writers):
-        if writer and not read_metrics(members[m].workdir):
-            writer.write({"summary": "client_step", "flops": step.flops, "vectorized_members": size,
-                          **{f"{k}_bytes": v for k, v in step.memory.as_dict().items()}})
-
-    evaluate = _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval_clients,
-                           eval_chunk_size or max(plan.chunk, 8 * num_devices), batch_size, mesh,
-                           num_devices) if eval_every else None
-    communication = algorithm.communication(jax.eval_shape(lambda: first.params), clients_per_round)
+    compiled_round = jax.jit(jax.vmap(member_round, in_axes=(0, 0, frozen_axis, 0, 0, 0, None)),
+                             out_shardings=(replicated, replicated), donate_argnums=1)
     # Rows per client: the engine's power-of-two bucket of the round's largest client, or, when smaller, the
     # population's largest client rounded up to the batch size (one shape). Under vmap a padding batch's skip is
     # a select, so every padded step costs a real one: equal-size clients of 80 examples in batches of 8 would
     # otherwise compute 16 steps for 10. Padding steps change nothing, so results stay those of a single run.
     tightest = -(-max(int(m.train.counts.max()) for m in members) // batch_size) * batch_size
-    bar = progress(total=num_rounds, initial=start_round,
-                   desc=f"{algorithm.name} ×{size} vectorized [{plan.chunk} clients/chunk]") if (
-        show_progress and main) else None
-    run_start = time.perf_counter() - max((h[-1]["wall_time"] for h in histories if h), default=0.0)
-    diverged: dict[int, int] = {}   # member -> round of its non-finite loss; it is no longer logged
-    for round_ in range(start_round + 1, num_rounds + 1):
-        tick = time.perf_counter()
+
+    def round_fn(state, round_):
         ids = [simulate.sample_cohort(m.seed, round_, num_clients, clients_per_round) for m in members]
         largest = max(int(m.train.counts[i].max()) for m, i in zip(members, ids))
         rows = min(bucket_size(largest, batch_size), tightest)
         cohorts = [m.train.gather(i, batch_size=batch_size, pad_to=rows) for m, i in zip(members, ids)]
         data, counts = _stack([simulate.chunked(arrays, n, plan) for arrays, n in cohorts])
         with traceable():
-            state, metrics = round_fn(hyper, state, frozen, mesh_lib.shard_clients(data, mesh, axis=2),
-                                      mesh_lib.shard_clients(counts, mesh, axis=2), roots, np.int32(round_))
+            state, metrics = compiled_round(hyper, state, frozen, mesh_lib.shard_clients(data, mesh, axis=2),
+                                            mesh_lib.shard_clients(counts, mesh, axis=2), roots, np.int32(round_))
         metrics = mesh_lib.to_host(metrics)
-        seconds = time.perf_counter() - tick
-        records = [simulate.round_record(round_, {k: float(v[m]) for k, v in metrics.items()}, communication,
-                                         seconds) for m in range(size)]
-        if evaluate and (round_ % eval_every == 0 or round_ == num_rounds):
-            with traceable():
-                for record, result in zip(records, evaluate(state, round_)):
-                    record.update(result)
-        for m, record in enumerate(records):
-            if m in diverged:
-                continue
-            record["wall_time"] = time.perf_counter() - run_start
-            if writers[m]:
-                writers[m].write(record)
-            if not math.isfinite(record.get("train_loss", 0.0)):
-                diverged[m] = round_
-                continue
-            histories[m].append(record)
-            if checkpointers[m] and (round_ % checkpoint_every == 0 or round_ == num_rounds):
-                checkpointers[m].save(round_, _member(state, m))
-        if bar:
-            shown = {k: np.mean([r[k] for r in records]) for k in ("train_loss", "generalized_accuracy")
-                     if k in records[0]}
-            bar.set_postfix({f"mean {k.replace('generalized_', 'gen_')}": f"{v:.4f}" for k, v in shown.items()})
-            bar.update()
-        if len(diverged) == size:
-            break
-    if bar:
-        bar.close()
-    for checkpointer in checkpointers:
-        if checkpointer:
-            checkpointer.close()
-    if diverged:
-        raise simulate.Diverged("non-finite training loss in " + ", ".join(
-            f"member {m} ({members[m].workdir or m}) at round {r}" for m, r in sorted(diverged.items())) +
-            "; the other members finished")
+        return state, [{k: float(v[m]) for k, v in metrics.items()} for m in range(size)]
+
+    evaluate_members = _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval_clients,
+                                   eval_chunk_size or max(plan.chunk_size, 8 * num_devices), batch_size, mesh,
+                                   num_devices) if eval_every else None
+
+    def evaluate(state, round_):
+        with traceable():
+            return evaluate_members(state, round_)
+    state, histories = host_loop.run_rounds(
+        mesh_lib.replicate(host_state, mesh), round_fn, evaluate=evaluate if eval_every else None,
+        workdirs=[m.workdir for m in members], write=mesh_lib.is_main_process(),
+        options=host_loop.LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress,
+                                      on_divergence="drop_member"),
+        communication=algorithm.bytes_per_round(jax.eval_shape(lambda: first.params), clients_per_round),
+        summary=simulate.client_step_summary(step, vectorized_members=size),
+        members=host_loop.MemberStates(split=lambda state: [_member(state, m) for m in range(size)],
+                                       join=lambda states: mesh_lib.replicate(_stack(states), mesh)),
+        desc=f"{algorithm.name} ×{size} vectorized [{plan.chunk_size} clients/chunk]")
     return [simulate.RunResult(_member(state, m), histories[m], plan, step) for m in range(size)]
 
 
@@ -239,22 +199,6 @@ def _traceable(keys: list[str], name: str):
                          "it without vectorizing") from None
 
 
-def _resume(members, checkpointers, writers) -> tuple[int, list[list[dict]]]:
-    """The common round the members resume from (0: start), and their metrics up to it."""
-    rounds = {c.latest_round() if c else None for c in checkpointers}
-    if len(rounds) > 1:
-        raise InputError("vectorized sweep: the members' checkpoints are at different rounds "
-                         f"({sorted(r or 0 for r in rounds)}); run them without vectorizing to resume them")
-    start = rounds.pop() or 0
-    histories = []
-    for m, writer in zip(members, writers):
-        if writer and start:
-            writer.truncate_after("round", start)
-        records = read_metrics(m.workdir) if (m.workdir and start) else []
-        histories.append([r for r in records if 0 < r.get("round", 0) <= start])
-    return start, histories
-
-
 def _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval_clients, chunk, batch_size, mesh,
                 num_devices) -> Callable[[Any, int], list[dict]]:
     """A closure evaluating every member's state on its own fixed set of clients: evaluate(state, round) ->
@@ -267,7 +211,7 @@ def _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval
     def member_evaluation(h, frozen_m, state, train, train_counts, test, test_counts, root, round_):
         algorithm = make_algorithm(h)
         key = jax.random.fold_in(jax.random.fold_in(root, simulate.EVAL_STREAM), round_)
-        return simulate.evaluation_function(algorithm, plan.chunk, plan.num_chunks)(
+        return simulate.evaluation_function(algorithm, plan.chunk_size, plan.num_chunks)(
             frozen_m, algorithm.broadcast(state), train, train_counts, test, test_counts, key)
     evaluate = jax.jit(jax.vmap(member_evaluation, in_axes=(0, frozen_axis, 0, 0, 0, 0, 0, 0, None)),
                        out_shardings=NamedSharding(mesh, P()))

@@ -66,7 +66,8 @@ def _barrier(name: str) -> None:
 
 def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str]) -> bool:
     """Runs a job's unfinished members (resuming partial ones); False if one diverged."""
-    from spryjax.fl import experiment, mesh, simulate
+    from spryjax.fl import host_loop, mesh
+    from spryjax.runners import federated
     from spryjax.metrics import save_config
     main_process = mesh.is_main_process()
     configs = [sweep.resolve(config_spec, m, overrides) for m in job.members]
@@ -84,11 +85,11 @@ def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str]) -> bool:
     _barrier(f"spryjax-launch-{job.name}")
     try:
         if len(todo) > 1:
-            experiment.run_vectorized([c for _, c in todo], [m.workdir for m, _ in todo])
+            federated.run_federated_vectorized([c for _, c in todo], [m.workdir for m, _ in todo])
         else:
             (m, c), = todo
             cli.resolve_experiment(c.experiment)(c, m.workdir)
-    except simulate.Diverged as exc:
+    except host_loop.Diverged as exc:
         if main_process:
             print(f"{job.name}: {exc}", file=sys.stderr, flush=True)
         return False

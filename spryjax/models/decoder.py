@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from spryjax.errors import InputError
-from spryjax.models.layers import (AdapterOptions, Init, activation, attention, dense, dropout, init_dense, init_norm,
-                                   layer_norm, materialize, rms_norm, split_key)
+from spryjax.models.layers import (AdapterOptions, CheckpointEntry, Init, activation, attention, dense, dense_entries,
+                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, rms_norm,
+                                   split_key)
 
 Params = dict[str, Any]
 DECODER_ARCHS = ("llama", "opt")
@@ -181,3 +182,31 @@ def output_embedding(params: Params, config: DecoderConfig) -> jax.Array:
 def lm_logits(params: Params, hidden: jax.Array, *, config: DecoderConfig) -> jax.Array:
     """Next-token logits [B, S, V] = hidden [B, S, D] · E_outᵀ, in fp32."""
     return jnp.einsum("bsd,vd->bsv", hidden, output_embedding(params, config), preferred_element_type=jnp.float32)
+
+
+def checkpoint_names(config: DecoderConfig) -> tuple[str, list[CheckpointEntry]]:
+    """(anchor, entries): every tensor of the base model in Hugging Face naming (prefix-free; the anchor is the
+    word embedding, used by `spryjax.models.hf` to find the prefix such as "model.decoder."), in spryjax's tree
+    paths. The LM head of an untied decoder is named from the checkpoint root ("lm_head.weight") by the loader."""
+    entries: list[CheckpointEntry] = []
+    anchor = "embed_tokens.weight"
+    entries.append(CheckpointEntry(anchor, ("embeddings", "word"), False))
+    opt = config.arch == "opt"
+    if opt:
+        entries.append(CheckpointEntry("embed_positions.weight", ("embeddings", "position"), False))
+    for i in range(config.num_layers):
+        hf, at = f"layers.{i}", ("layers", i)
+        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
+                             ("attn_out", "out_proj" if opt else "o_proj")):
+            entries += dense_entries(f"{hf}.self_attn.{theirs}", (*at, ours), config.attention_bias)
+        if opt:
+            entries += [*norm_entries(f"{hf}.self_attn_layer_norm", (*at, "attn_norm")),
+                        *norm_entries(f"{hf}.final_layer_norm", (*at, "ffn_norm")),
+                        *dense_entries(f"{hf}.fc1", (*at, "ffn_in")), *dense_entries(f"{hf}.fc2", (*at, "ffn_out"))]
+        else:
+            entries += [*norm_entries(f"{hf}.input_layernorm", (*at, "attn_norm"), False),
+                        *norm_entries(f"{hf}.post_attention_layernorm", (*at, "ffn_norm"), False)]
+            for ours in ("gate", "up", "down"):
+                entries += dense_entries(f"{hf}.mlp.{ours}_proj", (*at, ours), config.mlp_bias)
+    entries += norm_entries("final_layer_norm" if opt else "norm", ("final_norm",), opt)
+    return anchor, entries

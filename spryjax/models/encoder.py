@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from spryjax.errors import InputError
-from spryjax.models.layers import (AdapterOptions, Init, activation, attention, dense, dropout, init_dense, init_norm,
-                                   layer_norm, materialize, split_key)
+from spryjax.models.layers import (AdapterOptions, CheckpointEntry, Init, activation, attention, dense, dense_entries,
+                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, split_key)
 
 Params = dict[str, Any]
 ENCODER_ARCHS = ("bert", "roberta", "distilbert")
@@ -133,3 +133,42 @@ def apply(params: Params, input_ids: jax.Array, attention_mask: jax.Array, token
     for p, k in zip(params["layers"], layer_keys):
         x = layer(p, x, mask, config=config, adapter=adapter, key=k)
     return x
+
+
+def checkpoint_names(config: EncoderConfig) -> tuple[str, list[CheckpointEntry]]:
+    """(anchor, entries): every tensor of the base model in Hugging Face naming (prefix-free; the anchor is the
+    word embedding, used by `spryjax.models.hf` to find the prefix such as "bert."), in spryjax's tree paths."""
+    entries: list[CheckpointEntry] = []
+    if config.arch == "distilbert":
+        anchor = "embeddings.word_embeddings.weight"
+        entries += [CheckpointEntry(anchor, ("embeddings", "word"), False),
+                    CheckpointEntry("embeddings.position_embeddings.weight", ("embeddings", "position"), False),
+                    *norm_entries("embeddings.LayerNorm", ("embeddings", "norm"))]
+        for i in range(config.num_layers):
+            hf, at = f"transformer.layer.{i}", ("layers", i)
+            for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin"), ("attn_out", "out_lin")):
+                entries += dense_entries(f"{hf}.attention.{theirs}", (*at, ours))
+            entries += [*norm_entries(f"{hf}.sa_layer_norm", (*at, "attn_out_norm")),
+                        *dense_entries(f"{hf}.ffn.lin1", (*at, "ffn_in")),
+                        *dense_entries(f"{hf}.ffn.lin2", (*at, "ffn_out")),
+                        *norm_entries(f"{hf}.output_layer_norm", (*at, "ffn_out_norm"))]
+        return anchor, entries
+    anchor = "embeddings.word_embeddings.weight"
+    entries += [CheckpointEntry(anchor, ("embeddings", "word"), False),
+                CheckpointEntry("embeddings.position_embeddings.weight", ("embeddings", "position"), False)]
+    if config.type_vocab_size:
+        entries.append(CheckpointEntry("embeddings.token_type_embeddings.weight", ("embeddings", "token_type"),
+                                       False))
+    entries += norm_entries("embeddings.LayerNorm", ("embeddings", "norm"))
+    for i in range(config.num_layers):
+        hf, at = f"encoder.layer.{i}", ("layers", i)
+        for ours in ("query", "key", "value"):
+            entries += dense_entries(f"{hf}.attention.self.{ours}", (*at, ours))
+        entries += [*dense_entries(f"{hf}.attention.output.dense", (*at, "attn_out")),
+                    *norm_entries(f"{hf}.attention.output.LayerNorm", (*at, "attn_out_norm")),
+                    *dense_entries(f"{hf}.intermediate.dense", (*at, "ffn_in")),
+                    *dense_entries(f"{hf}.output.dense", (*at, "ffn_out")),
+                    *norm_entries(f"{hf}.output.LayerNorm", (*at, "ffn_out_norm"))]
+    if config.pooler:
+        entries += dense_entries("pooler.dense", ("pooler",))
+    return anchor, entries

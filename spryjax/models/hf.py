@@ -5,8 +5,9 @@ References:
     {name: {dtype, shape, data_offsets}}, then the raw data; sharded checkpoints add `model.safetensors.index.json`
     whose `weight_map` names the shard of each tensor.
   - transformers' BertModel, RobertaModel, DistilBertModel, LlamaModel and OPTModel parameter names, which
-    `checkpoint_names` maps onto spryjax's trees. torch.nn.Linear stores weights as [out, in]; spryjax's dense
-    kernels are [in, out], so every linear weight is transposed on load (embedding tables are not).
+    `checkpoint_names` (beside each family's model, in encoder.py and decoder.py) maps onto spryjax's trees.
+    torch.nn.Linear stores weights as [out, in]; spryjax's dense kernels are [in, out], so every linear weight is
+    transposed on load (embedding tables are not).
 
 transformers is used only for `AutoConfig` and `AutoTokenizer` (it has no Flax models since 5.0; no torch needed);
 weights are read with `safetensors` into numpy. A local folder always works, also with HF_HUB_OFFLINE=1; a hub name
@@ -32,9 +33,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from spryjax.errors import InputError
-from spryjax.models import ModelConfig, init, is_decoder
+from spryjax.models import ModelConfig, decoder, encoder, init, is_decoder
 from spryjax.models.decoder import DecoderConfig
 from spryjax.models.encoder import EncoderConfig
+from spryjax.models.layers import CheckpointEntry
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -156,87 +158,6 @@ def load_config(path_or_name: str | os.PathLike) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameter names
-
-
-class Entry(NamedTuple):
-    """One checkpoint tensor: its name without the model prefix, where it goes in the tree, and how."""
-    name: str
-    path: tuple[str | int, ...]
-    transpose: bool     # torch Linear [out, in] -> kernel [in, out]
-
-
-def _dense(hf: str, path: tuple, bias: bool = True) -> list[Entry]:
-    return [Entry(f"{hf}.weight", (*path, "kernel"), True)] + ([Entry(f"{hf}.bias", (*path, "bias"), False)]
-                                                              if bias else [])
-
-
-def _norm(hf: str, path: tuple, bias: bool = True) -> list[Entry]:
-    return [Entry(f"{hf}.weight", (*path, "scale"), False)] + ([Entry(f"{hf}.bias", (*path, "bias"), False)]
-                                                              if bias else [])
-
-
-def checkpoint_names(config: ModelConfig) -> tuple[str, list[Entry]]:
-    """(anchor, entries): every tensor of the base model in Hugging Face naming (prefix-free; the anchor is the
-    word embedding, used to find the prefix such as "bert." or "model.decoder."), in spryjax's tree paths.
-    The LM head of an untied decoder is named from the checkpoint root ("lm_head.weight")."""
-    entries: list[Entry] = []
-    if isinstance(config, EncoderConfig) and config.arch == "distilbert":
-        anchor = "embeddings.word_embeddings.weight"
-        entries += [Entry(anchor, ("embeddings", "word"), False),
-                    Entry("embeddings.position_embeddings.weight", ("embeddings", "position"), False),
-                    *_norm("embeddings.LayerNorm", ("embeddings", "norm"))]
-        for i in range(config.num_layers):
-            hf, at = f"transformer.layer.{i}", ("layers", i)
-            for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin"), ("attn_out", "out_lin")):
-                entries += _dense(f"{hf}.attention.{theirs}", (*at, ours))
-            entries += [*_norm(f"{hf}.sa_layer_norm", (*at, "attn_out_norm")),
-                        *_dense(f"{hf}.ffn.lin1", (*at, "ffn_in")), *_dense(f"{hf}.ffn.lin2", (*at, "ffn_out")),
-                        *_norm(f"{hf}.output_layer_norm", (*at, "ffn_out_norm"))]
-        return anchor, entries
-    if isinstance(config, EncoderConfig):
-        anchor = "embeddings.word_embeddings.weight"
-        entries += [Entry(anchor, ("embeddings", "word"), False),
-                    Entry("embeddings.position_embeddings.weight", ("embeddings", "position"), False)]
-        if config.type_vocab_size:
-            entries.append(Entry("embeddings.token_type_embeddings.weight", ("embeddings", "token_type"), False))
-        entries += _norm("embeddings.LayerNorm", ("embeddings", "norm"))
-        for i in range(config.num_layers):
-            hf, at = f"encoder.layer.{i}", ("layers", i)
-            for ours in ("query", "key", "value"):
-                entries += _dense(f"{hf}.attention.self.{ours}", (*at, ours))
-            entries += [*_dense(f"{hf}.attention.output.dense", (*at, "attn_out")),
-                        *_norm(f"{hf}.attention.output.LayerNorm", (*at, "attn_out_norm")),
-                        *_dense(f"{hf}.intermediate.dense", (*at, "ffn_in")),
-                        *_dense(f"{hf}.output.dense", (*at, "ffn_out")),
-                        *_norm(f"{hf}.output.LayerNorm", (*at, "ffn_out_norm"))]
-        if config.pooler:
-            entries += _dense("pooler.dense", ("pooler",))
-        return anchor, entries
-    anchor = "embed_tokens.weight"
-    entries.append(Entry(anchor, ("embeddings", "word"), False))
-    opt = config.arch == "opt"
-    if opt:
-        entries.append(Entry("embed_positions.weight", ("embeddings", "position"), False))
-    for i in range(config.num_layers):
-        hf, at = f"layers.{i}", ("layers", i)
-        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
-                             ("attn_out", "out_proj" if opt else "o_proj")):
-            entries += _dense(f"{hf}.self_attn.{theirs}", (*at, ours), config.attention_bias)
-        if opt:
-            entries += [*_norm(f"{hf}.self_attn_layer_norm", (*at, "attn_norm")),
-                        *_norm(f"{hf}.final_layer_norm", (*at, "ffn_norm")),
-                        *_dense(f"{hf}.fc1", (*at, "ffn_in")), *_dense(f"{hf}.fc2", (*at, "ffn_out"))]
-        else:
-            entries += [*_norm(f"{hf}.input_layernorm", (*at, "attn_norm"), False),
-                        *_norm(f"{hf}.post_attention_layernorm", (*at, "ffn_norm"), False)]
-            for ours in ("gate", "up", "down"):
-                entries += _dense(f"{hf}.mlp.{ours}_proj", (*at, ours), config.mlp_bias)
-    entries += _norm("final_layer_norm" if opt else "norm", ("final_norm",), opt)
-    return anchor, entries
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Reading safetensors
 
 
@@ -325,7 +246,7 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32)
     """
     files = weight_files(folder)
     canonical = {canonical_name(k): k for k in files}
-    anchor, entries = checkpoint_names(config)
+    anchor, entries = (decoder if is_decoder(config) else encoder).checkpoint_names(config)
     prefixes = [k[:-len(anchor)] for k in canonical if k.endswith(anchor)]
     if not prefixes:
         raise InputError(f"{folder}: no tensor named '*{anchor}' (is this a {config.arch} checkpoint?)")
@@ -333,7 +254,7 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32)
     stored = {prefix + e.name: e for e in entries}
     # A sequence-classification checkpoint of an untied decoder has no LM head; the base still loads.
     if is_decoder(config) and not config.tie_word_embeddings and "lm_head.weight" in canonical:
-        stored["lm_head.weight"] = Entry("lm_head.weight", ("lm_head", "kernel"), True)
+        stored["lm_head.weight"] = CheckpointEntry("lm_head.weight", ("lm_head", "kernel"), True)
     if isinstance(config, EncoderConfig) and config.pooler and prefix + "pooler.dense.weight" not in canonical:
         config = dataclasses.replace(config, pooler=False)
         stored = {k: e for k, e in stored.items() if e.path[0] != "pooler"}

@@ -163,3 +163,23 @@ def materialize(spec: Any, key: jax.Array, *, dtype: Any = jnp.float32, std: flo
         else:
             out.append((jnp.zeros if leaf.kind == "zeros" else jnp.ones)(leaf.shape, dtype))
     return jax.tree.unflatten(treedef, out)
+
+
+class CheckpointEntry(NamedTuple):
+    """One tensor of a Hugging Face checkpoint: its name without the model prefix, where it goes in spryjax's
+    tree, and whether it is a torch Linear weight ([out, in] -> kernel [in, out])."""
+    name: str
+    path: tuple[str | int, ...]
+    transpose: bool
+
+
+def dense_entries(name: str, path: tuple, bias: bool = True) -> list[CheckpointEntry]:
+    """The entries of a torch Linear `name` stored at `path` as {kernel, bias}."""
+    return [CheckpointEntry(f"{name}.weight", (*path, "kernel"), True)] + (
+        [CheckpointEntry(f"{name}.bias", (*path, "bias"), False)] if bias else [])
+
+
+def norm_entries(name: str, path: tuple, bias: bool = True) -> list[CheckpointEntry]:
+    """The entries of a torch LayerNorm / RMSNorm `name` stored at `path` as {scale, bias}."""
+    return [CheckpointEntry(f"{name}.weight", (*path, "scale"), False)] + (
+        [CheckpointEntry(f"{name}.bias", (*path, "bias"), False)] if bias else [])

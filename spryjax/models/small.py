@@ -7,7 +7,7 @@ batch["x"] (NHWC images for the CNN, anything flattenable for the MLP).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +21,10 @@ def _dense_init(key, fan_in, fan_out):
     return {"w": jax.random.normal(key, (fan_in, fan_out)) * jnp.sqrt(2.0 / fan_in), "b": jnp.zeros(fan_out)}
 
 
-def mlp_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, Any, Any]:
-    """A ReLU MLP on flattened batch["x"]: widths `config.hidden`, then the classes."""
+def mlp_model(dataset: Dataset, key: jax.Array, *, hidden: Sequence[int] = (64,)) -> tuple[Task, Any, Any]:
+    """A ReLU MLP on flattened batch["x"]: hidden widths `hidden`, then the classes."""
     in_dim = int(np.prod(dataset.train["x"].shape[1:]))
-    widths = [in_dim, *config.hidden, dataset.num_classes]
+    widths = [in_dim, *hidden, dataset.num_classes]
     keys = jax.random.split(key, len(widths) - 1)
     params = [_dense_init(k, a, b) for k, a, b in zip(keys, widths[:-1], widths[1:])]
 
@@ -47,16 +47,15 @@ def _maxpool(x):
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-def cnn_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, Any, Any]:
-    """pfl-research's CIFAR-10 CNN on NHWC images of any square size (32×32: dense 2304 → 512)."""
+def cnn_model(dataset: Dataset, key: jax.Array, *, hidden: int = 512) -> tuple[Task, Any, Any]:
+    """pfl-research's CIFAR-10 CNN on NHWC images of any square size (32×32: dense 2304 → `hidden` = 512)."""
     height, width, channels = dataset.train["x"].shape[1:]
     k = jax.random.split(key, 4)
     conv_init = lambda key, cin, cout: {"w": jax.random.normal(key, (3, 3, cin, cout)) * jnp.sqrt(2.0 / (9 * cin)),
                                         "b": jnp.zeros(cout)}
     flat = (((height - 2) // 2 - 2) // 2) * (((width - 2) // 2 - 2) // 2) * 64
     params = {"conv1": conv_init(k[0], channels, 32), "conv2": conv_init(k[1], 32, 64),
-              "dense1": _dense_init(k[2], flat, config.get("hidden", 512)),
-              "dense2": _dense_init(k[3], config.get("hidden", 512), dataset.num_classes)}
+              "dense1": _dense_init(k[2], flat, hidden), "dense2": _dense_init(k[3], hidden, dataset.num_classes)}
 
     def logits(trainable, frozen, batch, key=None):
         h = _maxpool(jax.nn.relu(_conv(batch["x"], trainable["conv1"])))
@@ -67,14 +66,14 @@ def cnn_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, Any, Any]
     return classification_task(logits, dataset.num_classes), params, {}
 
 
-def synthetic_images(config, seed: int) -> Dataset:
-    """pfl-research's benchmark data shape: `config.num_clients` × `config.per_client` random 32×32×3 images with
-    random labels, one natural client per block (the peers' benchmark uses the same recipe)."""
+def synthetic_images(*, seed: int, num_clients: int = 100, per_client: int = 50) -> Dataset:
+    """pfl-research's benchmark data shape: `num_clients` × `per_client` random 32×32×3 images with random labels,
+    one natural client per block (the peers' benchmark uses the same recipe)."""
     rng = np.random.default_rng(seed)
-    n = config.num_clients * config.per_client
+    n = num_clients * per_client
     x = rng.random((n, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
-    client = np.repeat(np.arange(config.num_clients), config.per_client)
+    client = np.repeat(np.arange(num_clients), per_client)
     split = {"x": x, "label": y, "client": client}
     empty = {k: v[:0] for k, v in split.items()}
     return Dataset("synthetic_cifar", split, empty, 10)

@@ -54,11 +54,11 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from spryjax.data.dataset import Dataset
 from spryjax.errors import InputError
+from spryjax.models.layers import dropout
 from spryjax.task import Task, classification_task, regression_task
 
 PyTree = Any
@@ -95,14 +95,6 @@ def sequence_rms_normalize(x: jax.Array, mask: jax.Array, eps: float = 1e-6) -> 
     m = (mask > 0).astype(x.dtype)
     power = jnp.einsum("btd,bt->b", x * x, m) / (x.shape[-1] * jnp.maximum(m.sum(1), 1.0))
     return x * jax.lax.rsqrt(power + eps)[:, None, None]
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout driven by an explicit key; the identity when `key` is None or `rate` is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def sinusoidal_positions(length: int, features: int) -> jax.Array:
@@ -440,34 +432,7 @@ class MulT(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameter counts
-
-
-def parameter_count(tree: PyTree | nnx.Module) -> int:
-    """Number of scalars in a parameter pytree or in an NNX module's parameters."""
-    if isinstance(tree, nnx.Module):
-        tree = nnx.state(tree, nnx.Param)
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
-
-
-def parameter_counts(tree: PyTree | nnx.Module) -> dict[str, int]:
-    """{top-level part: scalars, …, "total": scalars} of a module (or a pure-dict parameter tree)."""
-    if isinstance(tree, nnx.Module):
-        tree = nnx.to_pure_dict(nnx.state(tree, nnx.Param))
-    counts = {str(name): parameter_count(part) for name, part in tree.items()}
-    return {**counts, "total": sum(counts.values())}
-
-
-def print_parameter_counts(models: Mapping[str, PyTree | nnx.Module]) -> None:
-    """Prints one line per model: its total and its top-level parts."""
-    for name, model in models.items():
-        counts = parameter_counts(model)
-        parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
-        print(f"{name}: {counts['total']:,} parameters ({parts})")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config → (Task, trainable, frozen), for spryjax.build.MODELS
+# Modules → (Task, trainable, frozen), for trainers
 
 
 def modalities_of(dataset: Dataset) -> tuple[str, ...]:
@@ -504,33 +469,16 @@ def module_task(graphdef: nnx.GraphDef, params: PyTree, modalities: Sequence[str
     return regression_task(lambda *args: outputs(*args)[:, 0]), params, {}
 
 
-def _build(model_class, config, dataset: Dataset, key: jax.Array, **fixed) -> tuple[Task, PyTree, PyTree]:
-    """Instantiates `model_class` with the options in `config` (all fields but `name`, `fixed` overriding)."""
+def fusion_task(model_class: type[nnx.Module], dataset: Dataset, key: jax.Array, **options
+                ) -> tuple[Task, PyTree, PyTree]:
+    """`model_class(input sizes of dataset's modalities, classes (1 for regression), **options)` as a pure Task
+    (`module_task`): `HierarchicalDeltaFusion`, its no-delta ablation (`scales=(), use_raw=True`), `LateFusion`
+    or `MulT`, with that class's keyword options (features, num_heads, ...).
+
+    Example:
+      >>> task, params, frozen = fusion_task(HierarchicalDeltaFusion, dataset, key, features=32, scales=(1, 2))
+    """
     modalities = modalities_of(dataset)
-    options = {k: v for k, v in config.items() if k != "name"} | fixed
     input_sizes = {m: int(dataset.train[m].shape[-1]) for m in modalities}
-    try:
-        graphdef, params = create(model_class, input_sizes, dataset.num_classes or 1, key=key, **options)
-    except TypeError as exc:
-        raise InputError(f"config.model ({config.name}): {exc}") from None
+    graphdef, params = create(model_class, input_sizes, dataset.num_classes or 1, key=key, **options)
     return module_task(graphdef, params, modalities, dataset.num_classes)
-
-
-def build_delta_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, PyTree, PyTree]:
-    """`HierarchicalDeltaFusion` with the options in `config.model` (features, scales, use_raw, …)."""
-    return _build(HierarchicalDeltaFusion, config, dataset, key)
-
-
-def build_no_delta_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, PyTree, PyTree]:
-    """The no-delta ablation: `HierarchicalDeltaFusion` with Δ replaced by the raw stream (scales=(), use_raw)."""
-    return _build(HierarchicalDeltaFusion, config, dataset, key, scales=(), use_raw=True)
-
-
-def build_late_fusion_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, PyTree, PyTree]:
-    """`LateFusion` with the options in `config.model`."""
-    return _build(LateFusion, config, dataset, key)
-
-
-def build_mult_model(config, dataset: Dataset, key: jax.Array) -> tuple[Task, PyTree, PyTree]:
-    """`MulT` with the options in `config.model` (MulT's defaults: features 30, 5 heads, 5 layers)."""
-    return _build(MulT, config, dataset, key)

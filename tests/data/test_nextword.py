@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spryjax.data import nextword, partition
-from spryjax.data.text import load_rotten_tomatoes
+from spryjax.data.rotten_tomatoes import load_rotten_tomatoes
 from spryjax.errors import InputError
 
 

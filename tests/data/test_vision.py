@@ -127,7 +127,7 @@ def test_styled_fraction_leaves_other_examples_in_standard_style(digits):
 def test_mnist_5k_matches_the_csv():
     x, y = vision.load_mnist_5k()
     assert x.shape == (5000, 28, 28) and x.dtype == np.float32 and np.bincount(y).tolist() == [500] * 10
-    path = vision.package_data(*vision.MNIST_5K_FILE)
+    path = download.package_data(*vision.MNIST_5K_FILE)
     with gzip.open(path, "rt") as f:
         first = next(csv.reader(f))
     np.testing.assert_allclose(x[0].reshape(-1) * 255.0, np.array(first[:784], float), atol=1e-3)

@@ -12,13 +12,14 @@ import pytest
 from flax import nnx
 
 from spryjax import build
+from spryjax.data import vision
 from spryjax.data.federated import FederatedData
 from spryjax.errors import InputError
 from spryjax.fl import simulate
 from spryjax.fl.algorithms import apfl, ditto, fedavg_ft, fedrep, flow, hypcluster, knn_per, lg_fedavg
 from spryjax.fl.algorithms.personalization import compare, global_path_task
-from spryjax.nn import routing
-from spryjax.task import classification_task
+from spryjax.nn import routed_models, routing
+from spryjax.task import classification_objective, classification_task
 
 CLASSES, LR, LAMBDA, BETA = 4, 0.1, 0.05, 0.5
 BASELINES = {"fedavg_ft": fedavg_ft.fedavg_ft, "apfl": apfl.apfl, "ditto": ditto.ditto, "fedrep": fedrep.fedrep,
@@ -28,10 +29,10 @@ BASELINES = {"fedavg_ft": fedavg_ft.fedavg_ft, "apfl": apfl.apfl, "ditto": ditto
 def tiny_model(seed=0):
     """A routed CNN on 8×8 images without dropout (so keys do not matter), states drawn with numpy (compiling Flax's
     initializers costs seconds on a loaded CPU)."""
-    module = nnx.eval_shape(lambda: routing.RoutedCNN((8, 8), CLASSES, channels=(2, 4), dense=8,
+    module = nnx.eval_shape(lambda: routed_models.RoutedCNN((8, 8), CLASSES, channels=(2, 4), dense=8,
                                                       router_hidden=(8, 8, 8), dropout_rates=(0.0, 0.0),
                                                       router_dropout=0.0, rngs=nnx.Rngs(0)))
-    model = routing.routed_model(module, objective=routing.classification_objective, num_points=4,
+    model = routing.routed_model(module, objective=classification_objective, num_points=4,
                                  make_task=functools.partial(classification_task, num_classes=CLASSES))
     rng = np.random.default_rng(seed)
     draw = lambda s: jnp.asarray(rng.normal(0.0, 1.0 / np.sqrt(max(np.prod(s.shape[:-1]), 4)), s.shape), s.dtype)
@@ -321,21 +322,22 @@ def test_table_entries_build_from_a_config(setup):
     model = setup[0]
     config = ml_collections.ConfigDict({
         "name": "ditto", "batch_size": 4, "local_epochs": 1, "proximal_lambda": 0.1,
-        "client_optimizer": {"name": "momentum", "learning_rate": 0.1},
+        "client_optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0}})
     assert build.algorithm(config, model, model.states, 2).name == "ditto"
     config.name = "flow"
     with pytest.raises(InputError, match="proximal_lambda"):
         build.algorithm(config, model, model.states, 2)
-    with pytest.raises(InputError, match="routed=True"):
-        build.algorithm(config, global_path_task(model), model.states[0], 2)
+    data = vision.digits(seed=0)
+    with pytest.raises(InputError, match="needs a routed model"):
+        build.model(ml_collections.ConfigDict({"name": "mlp"}), data, jax.random.key(0), routed=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baseline_runs_a_round_through_the_engine(setup, name):
     model, train, test = setup
-    result = simulate.run(BASELINES[name](model, **options()), model.states, {}, train, test, num_rounds=1,
+    result = simulate.run_simulation(BASELINES[name](model, **options()), model.states, {}, train, test, num_rounds=1,
                           clients_per_round=3, seed=0, batch_size=4, strategy="loop", eval_every=1,
                           show_progress=False)
     record = result.history[-1]

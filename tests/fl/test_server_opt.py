@@ -2,7 +2,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spryjax.fl.server_opt import flower_yogi, server_optimizer
+from spryjax.fl import server_opt
+from spryjax.fl.server_opt import flower_yogi
 
 
 def test_flower_yogi_matches_hand_computed_steps():
@@ -24,7 +25,7 @@ def test_flower_yogi_matches_hand_computed_steps():
 
 
 def test_fedavg_with_unit_learning_rate_is_model_averaging():
-    opt = server_optimizer("fedavg")
+    opt = server_opt.fedavg()
     theta, u = jnp.array([1.0, 2.0]), jnp.array([0.25, -0.5])
     updates, _ = opt.update(u, opt.init(theta), theta)
     np.testing.assert_allclose(optax.apply_updates(theta, updates), theta - u)

@@ -2,25 +2,23 @@
 an uninterrupted run."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from spryjax import build
 from spryjax.models import small
-from spryjax.data import partition
+from spryjax.data import partition, vision
 from spryjax.data.federated import FederatedData
 from spryjax.errors import InputError
-from spryjax.fl import mesh as mesh_lib, server_opt, simulate
+from spryjax.fl import host_loop, mesh as mesh_lib, server_opt, simulate
 from spryjax.fl.algorithms.fedavg import fedavg
 
 
 @pytest.fixture(scope="module")
 def problem():
-    data = build.digits_dataset(None, 0)
-    task, params, frozen = small.mlp_model(ml_collections.ConfigDict({"hidden": (16,)}), data, jax.random.key(0))
+    data = vision.digits(seed=0)
+    task, params, frozen = small.mlp_model(data, jax.random.key(0), hidden=(16,))
     parts = partition.dirichlet_label_skew(data.train["label"], 40, 0.5, seed=0, examples_per_client=30)
     train_parts, test_parts = partition.train_test_split(parts, 0.2, seed=0)
     train = FederatedData.from_partition(data.inputs(), train_parts)
@@ -33,7 +31,7 @@ def run(problem, **options):
     algorithm = fedavg(task, client_optimizer=optax.sgd(options.pop("lr", 0.5)),
                        server_optimizer=options.pop("server", optax.sgd(1.0)), batch_size=options.pop("batch", 8))
     defaults = dict(num_rounds=2, clients_per_round=8, seed=3, batch_size=8, eval_every=0, show_progress=False)
-    return simulate.run(algorithm, params, frozen, train, test, **{**defaults, **options})
+    return simulate.run_simulation(algorithm, params, frozen, train, test, **{**defaults, **options})
 
 
 def flat(tree):
@@ -71,7 +69,7 @@ def test_strategies_and_shardings_agree(problem):
                                mesh=mesh_lib.client_mesh(jax.devices()[:1])),
         "loop, 3 clients in flight": run(problem, strategy="loop", client_chunk_size=3),
     }
-    assert variants["chunked, 4 devices"].plan.num_chunks == 2 and variants["sequential scan"].plan.chunk == 1
+    assert variants["chunked, 4 devices"].plan.num_chunks == 2 and variants["sequential scan"].plan.chunk_size == 1
     for name, result in variants.items():
         np.testing.assert_allclose(flat(result.state.params), flat(reference.state.params), rtol=2e-5, atol=1e-6,
                                    err_msg=name)
@@ -79,7 +77,7 @@ def test_strategies_and_shardings_agree(problem):
 
 def test_resume_equals_uninterrupted(problem, tmp_path):
     options = dict(strategy="chunked", client_chunk_size=8, checkpoint_every=1, eval_every=2,
-                   server=server_opt.server_optimizer("fedyogi"))
+                   server=server_opt.fedyogi())
     full = run(problem, num_rounds=4, workdir=str(tmp_path / "full"), **options)
     run(problem, num_rounds=2, workdir=str(tmp_path / "cut"), **options)  # "killed" after round 2
     resumed = run(problem, num_rounds=4, workdir=str(tmp_path / "cut"), **options)
@@ -97,7 +95,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(problem, tmp_path)
     task, params, frozen, train, test = problem
     workdir = str(tmp_path / "nan")
     run(problem, num_rounds=1, checkpoint_every=1, workdir=workdir, strategy="vmap")
-    with pytest.raises(simulate.Diverged, match=r"non-finite training loss at round 2; .*last good checkpoint is round 1"):
+    with pytest.raises(host_loop.Diverged, match=r"non-finite training loss at round 2; .*last good checkpoint is round 1"):
         run(problem, num_rounds=3, checkpoint_every=1, workdir=workdir, strategy="vmap", lr=1e30)
     from spryjax.checkpoint import Checkpointer
     assert Checkpointer(workdir).latest_round() == 1
@@ -112,10 +110,10 @@ def test_plan_round():
         simulate.plan_round("threads", 10, 1)
 
 
-def test_eager_local_training_equals_the_compiled_scan(problem):
-    """Called eagerly, local_training dispatches one jitted step per real batch; it must equal the traced lax.scan
-    (two epochs, a count that leaves padding batches, a Spry-style per-client tensor mask bound by
-    functools.partial), and per-client masks must not recompile the step."""
+def test_dispatched_local_training_equals_the_compiled_scan(problem):
+    """dispatched_local_training (one jitted step per real batch) must equal local_training's traced lax.scan
+    (two epochs, a count that leaves padding batches, a Spry-style per-client tensor mask), and per-client masks
+    must not recompile the step."""
     import functools
     from spryjax import fwdgrad
     from spryjax.fl import algorithm
@@ -125,13 +123,16 @@ def test_eager_local_training_equals_the_compiled_scan(problem):
     count = np.int32(len(client["label"]))
     optimizer = optax.adam(1e-2)   # built once, as algorithms do: it is part of the step's compilation key
 
+    estimator = functools.partial(fwdgrad.forward_grad, num_tangents=2)   # one object, as algorithms build it
+
     def train_client(leaf_on, key, eager):
         leaves, structure = jax.tree.flatten(params)
         mask = jax.tree.unflatten(structure, [jnp.bool_(i == 0 or leaf_on) for i in range(len(leaves))])
-        options = dict(optimizer=optimizer, batch_size=4, epochs=2, update_mask=mask,
-                       gradient_fn=functools.partial(fwdgrad.forward_grad, num_tangents=2, mask=mask))
+        options = dict(optimizer=optimizer, batch_size=4, epochs=2, update_mask=mask, gradient_fn=estimator)
+        if eager:
+            return algorithm.dispatched_local_training(task, params, frozen, data, count, key, **options)
         fn = lambda p, d, c, k: algorithm.local_training(task, p, frozen, d, c, k, **options)
-        return fn(params, data, count, key) if eager else jax.jit(fn)(params, data, count, key)
+        return jax.jit(fn)(params, data, count, key)
 
     for leaf_on, seed in ((True, 0), (False, 1)):
         (eager, eager_metrics), (traced, traced_metrics) = (train_client(leaf_on, jax.random.key(seed), e)

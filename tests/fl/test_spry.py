@@ -3,13 +3,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from spryjax import build, fwdgrad
-from spryjax.data import partition
+from spryjax import fwdgrad
+from spryjax.data import partition, vision
 from spryjax.data.federated import FederatedData
 from spryjax.fl import simulate
 from spryjax.fl.algorithms.spry import assign_tensors, spry
@@ -34,8 +33,8 @@ def test_split_covers_every_tensor_every_round(num_slots):
 
 @pytest.fixture(scope="module")
 def problem():
-    data = build.digits_dataset(None, 0)
-    task, params, frozen = small.mlp_model(ml_collections.ConfigDict({"hidden": (8, 8)}), data, jax.random.key(0))
+    data = vision.digits(seed=0)
+    task, params, frozen = small.mlp_model(data, jax.random.key(0), hidden=(8, 8))
     parts = partition.dirichlet_label_skew(data.train["label"], 20, 1.0, seed=0, examples_per_client=24)
     train = FederatedData.from_partition(data.inputs(), parts)
     return task, params, frozen, train
@@ -43,7 +42,7 @@ def problem():
 
 def one_round(problem, algorithm, cohort):
     task, params, frozen, train = problem
-    result = simulate.run(algorithm, params, frozen, train, train, num_rounds=1, clients_per_round=cohort, seed=1,
+    result = simulate.run_simulation(algorithm, params, frozen, train, train, num_rounds=1, clients_per_round=cohort, seed=1,
                           batch_size=8, strategy="vmap", eval_every=0, show_progress=False)
     return jax.tree.map(lambda a, b: a - b, params, result.state.params)  # u, since the server step is SGD(1)
 
@@ -86,8 +85,8 @@ def test_per_iteration_equals_per_epoch_with_one_sgd_step(problem):
     a, b = one_round(problem, per_epoch, 3), one_round(problem, per_iteration, 3)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    up_epoch = per_epoch.communication(params, 3).up
-    assert per_iteration.communication(params, 3).up == 3 * 4 * 4 < up_epoch
+    up_epoch = per_epoch.bytes_per_round(params, 3).up
+    assert per_iteration.bytes_per_round(params, 3).up == 3 * 4 * 4 < up_epoch
 
 
 def quadratic():

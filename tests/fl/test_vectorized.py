@@ -1,4 +1,4 @@
-"""Vectorized sweeps (spryjax.fl.vectorized via experiment.run_vectorized) against the same members run alone: same
+"""Vectorized sweeps (spryjax.fl.vectorized via runners.federated.run_federated_vectorized) against the same members run alone: same
 metrics records (to float tolerance), same final parameters; fields that cannot be vectorized fail in one line;
 (slow) an interrupted vectorized run resumes."""
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spryjax.errors import InputError
-from spryjax.fl import experiment
+from spryjax.runners import federated
 from spryjax.launch import sweep
 from spryjax.metrics import read_metrics
 
@@ -34,8 +34,8 @@ def test_vectorized_equals_members_run_alone(tmp_path):
     members = [{"seed": 0, "algorithm.client_optimizer.learning_rate": 0.1},
                {"seed": 1, "algorithm.client_optimizer.learning_rate": 0.05}]
     cfgs = configs(*members)
-    alone = [experiment.run(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(cfgs)]
-    together = experiment.run_vectorized(cfgs, [str(tmp_path / f"vec{i}") for i in range(len(cfgs))])
+    alone = [federated.run_federated(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(cfgs)]
+    together = federated.run_federated_vectorized(cfgs, [str(tmp_path / f"vec{i}") for i in range(len(cfgs))])
     for i, (a, v) in enumerate(zip(alone, together)):
         for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(v.state.params)):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
@@ -58,14 +58,14 @@ def test_vectorized_equals_members_run_alone(tmp_path):
 ])
 def test_fields_that_cannot_be_vectorized(override, message):
     with pytest.raises(InputError, match=message):
-        experiment.vectorizable_difference(configs({"seed": 0}, {"seed": 1, **override}))
+        federated.vectorizable_difference(configs({"seed": 0}, {"seed": 1, **override}))
 
 
 def test_untraceable_hyperparameter_is_one_line_error(tmp_path):
     """local_epochs sets a loop length: tracing it fails, named in an InputError."""
     cfgs = configs({"algorithm.local_epochs": 1}, {"algorithm.local_epochs": 2})
     with pytest.raises(InputError, match="algorithm.local_epochs"):
-        experiment.run_vectorized(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")])
+        federated.run_federated_vectorized(cfgs, [str(tmp_path / "a"), str(tmp_path / "b")])
 
 
 @pytest.mark.slow
@@ -76,11 +76,11 @@ def test_vectorized_resume_equals_uninterrupted(tmp_path):
     for c in cfgs:
         c.fl.checkpoint_every = 1
     workdirs = [str(tmp_path / f"vec{i}") for i in range(len(cfgs))]
-    first = experiment.run_vectorized(cfgs, workdirs)
+    first = federated.run_federated_vectorized(cfgs, workdirs)
     logged = [rounds(w) for w in workdirs]
     for w in workdirs:
         shutil.rmtree(os.path.join(w, "checkpoints", "2"))
-    resumed = experiment.run_vectorized(cfgs, workdirs)
+    resumed = federated.run_federated_vectorized(cfgs, workdirs)
     for a, b, w, records in zip(first, resumed, workdirs, logged):
         for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
             np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

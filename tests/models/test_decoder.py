@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spryjax import fwdgrad, models, peft
+from spryjax import fwdgrad, lm_tasks, models, peft
 from spryjax.models import decoder, heads, hf
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -71,7 +71,7 @@ def test_forward_grad_through_decoder_lora(name, head):
     """The directional derivative of forward_grad's estimate equals jax.grad · v (K = 1: ĝ = (∇L·v) v)."""
     config = dataclasses.replace(models.preset(name), num_layers=1)  # one layer: jvp is per layer, compiles cost
     kwargs = {"label_token_ids": [5, 17]} if head == "lm_labels" else {}
-    frozen, trainable, logits_fn = peft.build_classifier(config, 2, peft.PeftConfig(dropout=0.0), jax.random.key(0),
+    frozen, trainable, logits_fn = lm_tasks.build_classifier(config, 2, peft.PeftConfig(dropout=0.0), jax.random.key(0),
                                                          head=head, **kwargs)
     # LoRA B starts at zero (so ∂L/∂A = 0); move away from it so every leaf has a gradient.
     trainable = jax.tree.map(lambda x: x + 0.1 * jnp.ones_like(x), trainable)

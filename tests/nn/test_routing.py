@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from spryjax.data.dataset import Dataset
-from spryjax.nn import routing
-from spryjax.task import classification_task, summarize
+from spryjax.nn import routed_models, routing
+from spryjax.task import classification_objective, classification_task, next_word_objective, objective_task, summarize
 
 SMALL_CNN = dict(channels=(4, 8), dense=16, router_hidden=(16, 8, 8))
 ROUTED_LAYERS = ("conv1", "conv2", "dense1", "dense2")
@@ -51,8 +51,8 @@ def jitted(model):
 @pytest.fixture(scope="module")
 def cnn():
     data = image_dataset()
-    model = abstract_model(lambda rngs: routing.RoutedCNN((8, 8), 10, rngs=rngs, **SMALL_CNN),
-                           objective=routing.classification_objective, num_points=4,
+    model = abstract_model(lambda rngs: routed_models.RoutedCNN((8, 8), 10, rngs=rngs, **SMALL_CNN),
+                           objective=classification_objective, num_points=4,
                            make_task=functools.partial(classification_task, num_classes=10))
     return model._replace(apply=jitted(model)), batch_of(data)
 
@@ -236,30 +236,30 @@ def test_global_task_trains_the_global_path(cnn, value_and_grads):
 
 def test_paper_sizes():
     """About 1.2M parameters per copy of the EMNIST CNN (paper), 9216 inputs to dense1, a 784-input policy."""
-    module = nnx.eval_shape(lambda: routing.RoutedCNN((28, 28), 62, rngs=nnx.Rngs(0)))
+    module = nnx.eval_shape(lambda: routed_models.RoutedCNN((28, 28), 62, rngs=nnx.Rngs(0)))
     _, g, l, r = nnx.split(module, *routing.GROUPS)
     count = lambda s: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s))
     assert count(g) == count(l) == 1_206_590
     assert module.dense1.global_.kernel.shape == (9216, 128) and module.router.layers[0].kernel.shape == (784, 350)
     assert module.router.exits == (0, 1, 2, 2)
-    lstm = nnx.eval_shape(lambda: routing.RoutedLSTM(10_004, rngs=nnx.Rngs(0)))
+    lstm = nnx.eval_shape(lambda: routed_models.RoutedLSTM(10_004, rngs=nnx.Rngs(0)))
     assert lstm.cell.global_.dense_h.kernel.shape == (670, 4 * 670)
     assert lstm.dense2.local.kernel.shape == (96, 10_004) and lstm.step_router.layers[0].kernel.shape == (1436, 500)
     assert lstm.step_router.exits == (3,) and lstm.output_router.exits == (1, 2)
-    resnet = nnx.eval_shape(lambda: routing.RoutedResNet((32, 32, 3), 100, rngs=nnx.Rngs(0)))
+    resnet = nnx.eval_shape(lambda: routed_models.RoutedResNet((32, 32, 3), 100, rngs=nnx.Rngs(0)))
     assert resnet.router.num_points == 6 and resnet.router.exits == (0, 1, 2, 3, 4, 4)
 
 
 def test_lstm_and_resnet_forced_routing_and_shapes():
     tokens = np.random.default_rng(0).integers(1, 30, (3, 7)).astype(np.int32)
     images = image_dataset(n=3, shape=(8, 8, 3))
-    lstm = abstract_model(lambda rngs: routing.RoutedLSTM(30, embed=6, hidden=8, step_router_hidden=(8, 4),
+    lstm = abstract_model(lambda rngs: routed_models.RoutedLSTM(30, embed=6, hidden=8, step_router_hidden=(8, 4),
                                                           output_router_hidden=(6, 4, 4), rngs=rngs),
-                          objective=routing.next_word_objective, num_points=3, make_task=routing.objective_task)
-    resnet = abstract_model(lambda rngs: routing.RoutedResNet((8, 8, 3), 10, widths=(4, 8), blocks=(1, 1),
+                          objective=next_word_objective, num_points=3, make_task=objective_task)
+    resnet = abstract_model(lambda rngs: routed_models.RoutedResNet((8, 8, 3), 10, widths=(4, 8), blocks=(1, 1),
                                                               stem="cifar", router_hidden=(8, 8, 4), rngs=rngs),
-                            objective=routing.classification_objective, num_points=4,
-                            make_task=routing.objective_task)
+                            objective=classification_objective, num_points=4,
+                            make_task=objective_task)
     text_batch = {"x": jnp.asarray(tokens), "label": jnp.asarray(np.roll(tokens, -1, 1)), "mask": jnp.ones(3)}
     for model, batch, probs_shape in ((lstm, text_batch, (3, 7, 3, 2)), (resnet, batch_of(images), (3, 4, 2))):
         forced = [{name: force({"router": router}, column)["router"] for name, router in model.states[2].items()}
@@ -284,7 +284,7 @@ def test_lstm_and_resnet_forced_routing_and_shapes():
 def test_next_word_objective_ignores_padding():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
     batch = {"label": jnp.array([[1, 2, 0], [3, 0, 0]]), "mask": jnp.array([1.0, 0.0])}
-    losses, correct, weights = routing.next_word_objective(logits, batch)
+    losses, correct, weights = next_word_objective(logits, batch)
     np.testing.assert_array_equal(weights, [[1, 1, 0], [0, 0, 0]])
     expected = -jax.nn.log_softmax(logits)[0, 0, 1]
     np.testing.assert_allclose(losses[0, 0], expected, rtol=1e-6)
@@ -294,14 +294,14 @@ def test_next_word_objective_ignores_padding():
 def test_builders_initialize_real_models():
     """The builders with Flax's own initializers: the global path as a Task for plain trainers."""
     data = image_dataset(n=4)
-    cnn = routing.emnist_cnn(data, jax.random.key(0), channels=(2, 2), dense=4, router_hidden=(4, 4, 4))
+    cnn = routed_models.emnist_cnn(data, jax.random.key(0), channels=(2, 2), dense=4, router_hidden=(4, 4, 4))
     assert cnn.num_points == 4 and all(jax.tree.leaves(s) for s in cnn.states)
     tokens = np.random.default_rng(0).integers(1, 20, (4, 6)).astype(np.int32)
     text = Dataset("toy", {"x": tokens, "label": np.roll(tokens, -1, 1)}, {}, 20)
-    lstm = routing.so_lstm(text, jax.random.key(0), embed=4, hidden=6, step_router_hidden=(6, 4),
+    lstm = routed_models.so_lstm(text, jax.random.key(0), embed=4, hidden=6, step_router_hidden=(6, 4),
                            output_router_hidden=(4, 4))
     images = image_dataset(n=4, shape=(8, 8, 3))
-    resnet = routing.resnet_gn(images, jax.random.key(1), widths=(4, 8), blocks=(1, 1), stem="cifar",
+    resnet = routed_models.resnet_gn(images, jax.random.key(1), widths=(4, 8), blocks=(1, 1), stem="cifar",
                                router_hidden=(8, 4))
     text_batch = {"x": jnp.asarray(tokens), "label": jnp.asarray(np.roll(tokens, -1, 1)), "mask": jnp.ones(4)}
     for model, batch in ((cnn, batch_of(data)), (lstm, text_batch), (resnet, batch_of(images))):

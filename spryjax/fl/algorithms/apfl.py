@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from spryjax.fl.algorithm import (ClientOutput, FederatedAlgorithm, apply_server_optimizer,
-                                  full_model_communication, init_with_optimizer, local_training, pseudo_gradient)
+                                  full_model_bytes, init_with_optimizer, local_training, pseudo_gradient)
 from spryjax.fl.algorithms.personalization import compare_models, global_path_task, on_global_path
 from spryjax.nn.routing import RoutedModel
 from spryjax.task import Task
@@ -80,5 +80,5 @@ def apfl(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
     algorithm = FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=full_model_communication)
+        evaluate_client=evaluate_client, bytes_per_round=full_model_bytes)
     return on_global_path(algorithm, server_params=lambda theta_g, key: (theta_g, theta_g))

@@ -12,13 +12,17 @@ from __future__ import annotations
 import functools
 
 from spryjax import fwdgrad
-from spryjax.fl.algorithm import Communication, FederatedAlgorithm, tree_bytes
+from spryjax.fl.algorithm import Communication, FederatedAlgorithm
+from spryjax.signatures import forwards_options_to
 from spryjax.fl.algorithms.fedsgd import fedsgd
+from spryjax.pytrees import tree_bytes
 from spryjax.task import Task
 
 
-def baffle(task: Task, *, sigma: float = 1e-4, num_perturbations: int = 10, **fedsgd_options) -> FederatedAlgorithm:
-    estimator = functools.partial(fwdgrad.central_diff_grad, sigma=sigma, num_tangents=num_perturbations)
-    communication = lambda params_like, cohort: Communication(down=tree_bytes(params_like) * cohort,
-                                                              up=4 * num_perturbations * cohort)
-    return fedsgd(task, gradient_fn=estimator, communication=communication, name="baffle", **fedsgd_options)
+@forwards_options_to(fedsgd, sets=("gradient_fn", "bytes_per_round", "name"))
+def baffle(task: Task, *, sigma: float = 1e-4, num_tangents: int = 10, **fedsgd_options) -> FederatedAlgorithm:
+    """σ = `sigma`, K = `num_tangents` perturbations per round; a client uploads K fp32 scalars."""
+    estimator = functools.partial(fwdgrad.central_diff_grad, sigma=sigma, num_tangents=num_tangents)
+    bytes_per_round = lambda params_like, cohort: Communication(down=tree_bytes(params_like) * cohort,
+                                                                up=4 * num_tangents * cohort)
+    return fedsgd(task, gradient_fn=estimator, bytes_per_round=bytes_per_round, name="baffle", **fedsgd_options)

@@ -8,10 +8,13 @@ import functools
 
 from spryjax import fwdgrad
 from spryjax.fl.algorithm import FederatedAlgorithm
+from spryjax.signatures import forwards_options_to
 from spryjax.fl.algorithms.fedavg import fedavg
 from spryjax.task import Task
 
 
+@forwards_options_to(fedavg, sets=("gradient_fn", "name"))
 def fedfgd(task: Task, *, num_tangents: int = 1, **fedavg_options) -> FederatedAlgorithm:
+    """K = `num_tangents` tangents per step."""
     estimator = functools.partial(fwdgrad.forward_grad, num_tangents=num_tangents)
     return fedavg(task, gradient_fn=estimator, name="fedfgd", **fedavg_options)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from spryjax.fl.algorithm import (ClientOutput, FederatedAlgorithm, apply_server_optimizer,
-                                  full_model_communication, init_with_optimizer, local_training, pseudo_gradient)
+                                  full_model_bytes, init_with_optimizer, local_training, pseudo_gradient)
 from spryjax.fl.algorithms.personalization import compare_models, global_path_task, head_mask, on_global_path
 from spryjax.nn.routing import RoutedModel
 
@@ -57,4 +57,4 @@ def fedrep(model: RoutedModel, *, client_optimizer: optax.GradientTransformation
     return on_global_path(FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=full_model_communication))
+        evaluate_client=evaluate_client, bytes_per_round=full_model_bytes))

@@ -11,14 +11,14 @@ import optax
 
 from spryjax.fl.algorithm import (ClientOutput, Communication, FederatedAlgorithm, GradientFn,
                                   apply_server_optimizer, backprop, evaluate_global, first_batch,
-                                  full_model_communication, init_with_optimizer)
+                                  full_model_bytes, init_with_optimizer)
 from spryjax.task import Task
 
 
 def fedsgd(task: Task, *, server_optimizer: optax.GradientTransformation, batch_size: int,
            gradient_fn: GradientFn = backprop, eval_batch_size: int = 64, name: str = "fedsgd",
-           communication: Callable[..., Communication] = full_model_communication) -> FederatedAlgorithm:
-    """`gradient_fn` may be any estimator (BAFFLE: central differences); `communication` then says what a
+           bytes_per_round: Callable[..., Communication] = full_model_bytes) -> FederatedAlgorithm:
+    """`gradient_fn` may be any estimator (BAFFLE: central differences); `bytes_per_round` then says what a
     client really uploads (BAFFLE: K scalars)."""
     def client_update(frozen, params, data, count, slot, key):
         del slot
@@ -30,4 +30,4 @@ def fedsgd(task: Task, *, server_optimizer: optax.GradientTransformation, batch_
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_global(task, batch_size=eval_batch_size), communication=communication)
+        evaluate_client=evaluate_global(task, batch_size=eval_batch_size), bytes_per_round=bytes_per_round)

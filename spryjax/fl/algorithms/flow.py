@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from spryjax.fl.algorithm import (ClientOutput, FederatedAlgorithm, apply_server_optimizer,
-                                  full_model_communication, init_with_optimizer, local_training, pseudo_gradient)
+                                  full_model_bytes, init_with_optimizer, local_training, pseudo_gradient)
 from spryjax.fl.algorithms.personalization import compare, logits_task
 from spryjax.nn.routing import RoutedModel, States
 
@@ -153,10 +153,10 @@ def flow(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
       unroll, skip_padding: the local loops' (see `client_training`).
 
     Example:
-      >>> model = routing.emnist_cnn(dataset, key)
+      >>> model = routed_models.emnist_cnn(dataset, key)
       >>> algorithm = flow(model, client_optimizer=optax.sgd(0.01, momentum=0.9),
       ...                  server_optimizer=optax.sgd(1.0), batch_size=20, local_epochs=3)
-      >>> simulate.run(algorithm, model.states, {}, train, test, ...)
+      >>> simulate.run_simulation(algorithm, model.states, {}, train, test, ...)
     """
     options = dict(optimizer=client_optimizer, batch_size=batch_size, regularization=regularization,
                    local_discount=local_discount, unroll=unroll, skip_padding=skip_padding)
@@ -185,4 +185,4 @@ def flow(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=full_model_communication)
+        evaluate_client=evaluate_client, bytes_per_round=full_model_bytes)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from spryjax.fl.algorithm import (ClientOutput, Communication, FederatedAlgorithm, apply_server_optimizer,
-                                  evaluate_examples, init_with_optimizer, local_training, tree_bytes)
+                                  evaluate_examples, init_with_optimizer, local_training)
+from spryjax.pytrees import tree_bytes
 from spryjax.fl.algorithms.personalization import compare, global_path_task, on_global_path
 from spryjax.nn.routing import RoutedModel, global_logits
 
@@ -89,13 +90,13 @@ def hypcluster(model: RoutedModel, *, client_optimizer: optax.GradientTransforma
 
         return compare(model, predict, test, test_count, batch_size=eval_batch_size)
 
-    def communication(models_like, cohort_size):
+    def bytes_per_round(models_like, cohort_size):
         size = tree_bytes(models_like[0])
         return Communication(down=num_models * size * cohort_size, up=size * cohort_size)
 
     algorithm = FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=communication)
+        evaluate_client=evaluate_client, bytes_per_round=bytes_per_round)
     return on_global_path(algorithm, server_params=lambda theta_g, key: independent_copies(theta_g, key,
                                                                                              num_models))

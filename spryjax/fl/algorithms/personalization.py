@@ -56,10 +56,10 @@ def on_global_path(algorithm: FederatedAlgorithm, *,
     def init(states, key):
         return algorithm.init(make(states[0], key), key)
 
-    def communication(states_like, cohort_size):
-        return algorithm.communication(jax.eval_shape(make, states_like[0], jax.random.key(0)), cohort_size)
+    def bytes_per_round(states_like, cohort_size):
+        return algorithm.bytes_per_round(jax.eval_shape(make, states_like[0], jax.random.key(0)), cohort_size)
 
-    return algorithm._replace(init=init, communication=communication)
+    return algorithm._replace(init=init, bytes_per_round=bytes_per_round)
 
 
 def head_mask(theta_g: PyTree, head: Sequence[str]) -> PyTree:

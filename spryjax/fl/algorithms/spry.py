@@ -4,8 +4,8 @@
 The split. The T trainable tensors, in layer order (`tensor_order`), are cut into J chunks of `tensors_per_chunk`
 consecutive tensors; chunk j goes to cohort slot j mod C when J ≥ C (a client trains several chunks), and slot s
 trains chunk s mod J when J < C (several clients share a chunk; the released code crashes there). The mapping is
-the same every round; which client fills a slot changes. `shared_tensors` (e.g. the classifier head) are trained
-by every slot. The assignment is a boolean mask M[s, t], so every client has the same shapes and one vmapped,
+the same every round; which client fills a slot changes. With `share_head`, the task head's tensors
+(`head_tensors`) are trained by every slot instead of being dealt (the released code's --classifier_share). The assignment is a boolean mask M[s, t], so every client has the same shapes and one vmapped,
 sharded round serves them all.
 
 Client in slot s, per-epoch communication (the released code): for each batch, K tangents v_k ~ N(0, I) on its own
@@ -38,8 +38,8 @@ import optax
 
 from spryjax import fwdgrad
 from spryjax.fl.algorithm import (ClientOutput, Communication, FederatedAlgorithm, apply_server_optimizer,
-                                  backprop, evaluate_examples, first_batch, init_with_optimizer, local_training,
-                                  pseudo_gradient)
+                                  backprop, dispatched_local_training, evaluate_examples, first_batch,
+                                  init_with_optimizer, local_training, pseudo_gradient)
 from spryjax.task import Task
 
 
@@ -69,12 +69,20 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
          server_optimizer: optax.GradientTransformation, batch_size: int, local_epochs: int = 1,
          num_tangents: int = 1, tangent_chunk_size: int | None = None,
          distribution: fwdgrad.Distribution = "gaussian", tensors_per_chunk: int = 2,
-         tensor_order: Sequence[int] | None = None, shared_tensors: Sequence[int] = (),
+         tensor_order: Sequence[int] | None = None, head_tensors: Sequence[int] = (), share_head: bool = False,
          communication: Literal["per_epoch", "per_iteration"] = "per_epoch", dilute_aggregation: bool = False,
          finetune_epochs: int = 0, gradient: Literal["forward", "backprop"] = "forward",
          eval_batch_size: int = 64, name: str = "spry") -> FederatedAlgorithm:
     """Spry (see the module docstring). Hyperparameters map to the paper: K = num_tangents, AdamW client
-    optimizer (lr 1e-4 in the paper), 1 local epoch, batch 8, FedYogi server (η 1e-2, β1 .9, β2 .99, τ 1e-3)."""
+    optimizer (lr 1e-4 in the paper), 1 local epoch, batch 8, FedYogi server (η 1e-2, β1 .9, β2 .99, τ 1e-3).
+
+    `tensor_order` (the trainable leaves in layer order, as indices into `jax.tree.leaves`) and `head_tensors`
+    (the task head's leaves) describe the trainable tree; `spryjax.build.tensor_layout` computes both.
+
+    Example:
+      >>> algorithm = spry(task, clients_per_round=10, client_optimizer=optax.adamw(1e-4),
+      ...                  server_optimizer=flower_yogi(), batch_size=8)
+    """
     if communication not in ("per_epoch", "per_iteration"):
         raise ValueError(f"communication must be per_epoch or per_iteration, got {communication!r}")
     if communication == "per_iteration" and gradient != "forward":
@@ -84,32 +92,37 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
 
     def assignment(params) -> np.ndarray:
         return assign_tensors(len(jax.tree.leaves(params)), clients_per_round, tensors_per_chunk=tensors_per_chunk,
-                              tensor_order=tensor_order, shared_tensors=shared_tensors)
+                              tensor_order=tensor_order, shared_tensors=head_tensors if share_head else ())
 
     def slot_mask(params, slot):
         """The boolean pytree of the tensors slot `slot` trains (traced: the slot is data under vmap)."""
         row = jnp.asarray(assignment(params))[slot]
         return jax.tree.unflatten(jax.tree.structure(params), [row[t] for t in range(row.shape[0])])
 
-    def client_update(frozen, params, data, count, slot, key):
-        mask = slot_mask(params, slot)
-        if communication == "per_epoch":
-            gradient_fn = functools.partial(estimator, mask=mask) if gradient == "forward" else backprop
-            local, metrics = local_training(task, params, frozen, data, count, key, optimizer=client_optimizer,
-                                            batch_size=batch_size, epochs=local_epochs, gradient_fn=gradient_fn,
-                                            update_mask=mask)
-            update, examples = pseudo_gradient(params, local), count.astype(jnp.float32)
-        else:
-            batch, tangent_key, dropout_key = first_batch(data, count, key, batch_size)
-            options = dict(chunk_size=tangent_chunk_size, distribution=distribution, mask=mask)
-            loss, scalars = fwdgrad.jvp_scalars(task.loss, params, tangent_key, frozen, batch, dropout_key,
-                                                num_tangents=num_tangents, **options)
-            # Uploaded: the K scalars. The server knows the client's seed and slot, and regenerates ĝ:
-            update = fwdgrad.grad_from_scalars(params, tangent_key, scalars, **options)
-            examples = jnp.sum(batch["mask"])
-            metrics = {"loss": loss, "steps": jnp.float32(1)}
-        weight = examples if dilute_aggregation else jax.tree.map(lambda m: examples * m, mask)
-        return ClientOutput(update, weight, metrics)
+    gradient_fn = estimator if gradient == "forward" else backprop
+
+    def client_update_with(train):
+        def client_update(frozen, params, data, count, slot, key):
+            mask = slot_mask(params, slot)
+            if communication == "per_epoch":   # the estimator draws tangents on the masked tensors only
+                local, metrics = train(task, params, frozen, data, count, key, optimizer=client_optimizer,
+                                       batch_size=batch_size, epochs=local_epochs, gradient_fn=gradient_fn,
+                                       update_mask=mask)
+                update, examples = pseudo_gradient(params, local), count.astype(jnp.float32)
+            else:
+                update, examples, metrics = per_iteration_update(frozen, params, data, count, key, mask)
+            weight = examples if dilute_aggregation else jax.tree.map(lambda m: examples * m, mask)
+            return ClientOutput(update, weight, metrics)
+        return client_update
+
+    def per_iteration_update(frozen, params, data, count, key, mask):
+        batch, tangent_key, dropout_key = first_batch(data, count, key, batch_size)
+        options = dict(chunk_size=tangent_chunk_size, distribution=distribution, mask=mask)
+        loss, scalars = fwdgrad.jvp_scalars(task.loss, params, tangent_key, frozen, batch, dropout_key,
+                                            num_tangents=num_tangents, **options)
+        # Uploaded: the K scalars. The server knows the client's seed and slot, and regenerates ĝ:
+        update = fwdgrad.grad_from_scalars(params, tangent_key, scalars, **options)
+        return update, jnp.sum(batch["mask"]), {"loss": loss, "steps": jnp.float32(1)}
 
     def evaluate_client(frozen, params, train, train_count, test, test_count, key):
         groups = {"generalized": evaluate_examples(task, params, frozen, test, test_count, batch_size=eval_batch_size)}
@@ -120,7 +133,7 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
                                                        batch_size=eval_batch_size)
         return groups
 
-    def communication_bytes(params_like, cohort_size) -> Communication:
+    def bytes_per_round(params_like, cohort_size) -> Communication:
         sizes = np.array([x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params_like)])
         down = int(sizes.sum()) * cohort_size  # every client runs the whole model, so it needs every adapter
         if communication == "per_iteration":
@@ -130,6 +143,6 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
 
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
-        client_update=client_update, server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, communication=communication_bytes,
-        eager_clients=communication == "per_epoch")
+        client_update=client_update_with(local_training), server_update=apply_server_optimizer(server_optimizer),
+        evaluate_client=evaluate_client, bytes_per_round=bytes_per_round,
+        eager_client_update=client_update_with(dispatched_local_training) if communication == "per_epoch" else None)

@@ -16,9 +16,9 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 from spryjax import fwdgrad
+from spryjax.data import vision
 
 
 def _loss(params, x, y):
@@ -35,13 +35,9 @@ def _cosine(a, b):
     return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
-def run(config, workdir: str) -> dict:
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    perm = np.random.default_rng(config.seed).permutation(len(y))
-    split = int(0.8 * len(y))
-    (xtr, ytr), (xte, yte) = (x[perm[:split]], y[perm[:split]]), (x[perm[split:]], y[perm[split:]])
+def run_fwdgrad_demo(config, workdir: str) -> dict:
+    digits = vision.digits(seed=config.seed)
+    (xtr, ytr), (xte, yte) = ((split["x"], split["label"]) for split in (digits.train, digits.test))
     params0 = {"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
     true_grad = jax.grad(_loss)(params0, xtr, ytr)
     optimizer = optax.adam(config.learning_rate)

@@ -1,6 +1,6 @@
 """`experiment = "compare"`: several federated runs on one task, side by side, ending with one table and a plot.
 
-config.members maps a name to a complete federated config (see spryjax/fl/experiment.py); each runs into
+config.members maps a name to a complete federated config (see spryjax/runners/federated.py); each runs into
 WORKDIR/<name> (resumable like any run) and the comparison table (final accuracy, per-client peak memory of the
 client step, bytes up and down per round, wall time) is printed and written to WORKDIR/comparison.md, with the
 accuracy curves and step memory in WORKDIR/comparison.png.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from spryjax.fl import experiment
+from spryjax.runners.federated import run_federated
 from spryjax.memory import MIB
 from spryjax.metrics import format_table, read_metrics, save_config
 from spryjax.plots import bars, curves
@@ -33,13 +33,14 @@ def summary_row(name: str, records: list[dict]) -> dict:
     return row
 
 
-def run(config, workdir: str) -> list[dict]:
+def run_comparison(config, workdir: str) -> list[dict]:
+    """Runs every member (resuming where one stopped) and writes the comparison table and plots."""
     runs = {}
     for name, member in config.members.items():
         member_dir = os.path.join(workdir, name)
         save_config(member, member_dir)
         print(f"\n== {name} ==")
-        experiment.run(member, member_dir)
+        run_federated(member, member_dir)
         runs[name] = read_metrics(member_dir)
     rows = [summary_row(name, records) for name, records in runs.items()]
     table = format_table(rows, floatfmt=".3f")
