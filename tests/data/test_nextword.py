@@ -80,6 +80,22 @@ def test_reddit_reads_leaf_json(tmp_path):
     np.testing.assert_array_equal(data.train["length"], [3, 2, 2])
 
 
+def test_stackoverflow_reads_tff_files(tmp_path):
+    """Users in sorted order, the first `max_sentences_per_client` sentences each, the word_count vocabulary."""
+    import h5py
+    sentences = {"u2": [b"hello world", b"hello there"], "u1": [b"world"]}
+    for split, users in (("train", sentences), ("test", {"u2": [b"there world"]})):
+        with h5py.File(tmp_path / f"stackoverflow_{split}.h5", "w") as f:
+            for user, lines in users.items():
+                f.create_dataset(f"examples/{user}/tokens", data=lines)
+    (tmp_path / "stackoverflow.word_count").write_text("hello 9\nworld 5\nthere 1\n")
+    data = nextword.load_stackoverflow(path=tmp_path, vocab_size=2, seq_len=4, max_sentences_per_client=1)
+    assert data.train["client"].tolist() == [0, 1] and data.test["client"].tolist() == [1]
+    vocab = {"hello": 1, "world": 2}   # ids after the padding id 0; "there" is out of the 2-word vocabulary
+    expected = nextword.encode([["world"], ["hello", "world"]], vocab, vocab_size=2, seq_len=4)
+    np.testing.assert_array_equal(data.train["x"], expected["x"])
+
+
 def test_loaders_fail_with_one_line_errors(tmp_path):
     cases = [
         (lambda: nextword.load_stackoverflow(path=tmp_path), "stackoverflow_train.h5"),

@@ -2,8 +2,8 @@
 MNIST sample's format, CIFAR pickles, and one-line errors of the loaders."""
 import csv
 import gzip
-import importlib.util
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -188,9 +188,32 @@ def test_download_fails_fast_offline(tmp_path):
     assert not list(tmp_path.rglob("*.part"))
 
 
-def test_h5_loaders_say_when_h5py_is_missing(tmp_path):
-    if importlib.util.find_spec("h5py") is not None:
-        pytest.skip("h5py is installed")
+def write_tff_h5(path, clients: dict[str, dict[str, np.ndarray]]) -> None:
+    """A file in TFF's federated layout: /examples/<client>/<column>."""
+    import h5py
+    with h5py.File(path, "w") as f:
+        for client, columns in clients.items():
+            for column, values in columns.items():
+                f.create_dataset(f"examples/{client}/{column}", data=values)
+
+
+def test_emnist_reads_tff_files(tmp_path):
+    """Writers are clients in sorted order (train file's writers; one has no test examples); x = 1 − pixels."""
+    rng = np.random.default_rng(0)
+    pixels = {w: rng.random((n, 28, 28)).astype(np.float32) for w, n in (("f2", 3), ("f1", 2))}
+    write_tff_h5(tmp_path / "fed_emnist_train.h5", {w: {"pixels": p, "label": np.arange(len(p), dtype=np.int32)}
+                                                     for w, p in pixels.items()})
+    write_tff_h5(tmp_path / "fed_emnist_test.h5", {"f2": {"pixels": pixels["f2"][:1], "label": np.array([7])}})
+    data = vision.load_emnist(path=tmp_path)
+    np.testing.assert_allclose(data.train["x"], 1.0 - np.concatenate([pixels["f1"], pixels["f2"]]))
+    assert data.train["client"].tolist() == [0, 0, 1, 1, 1] and data.train["label"].tolist() == [0, 1, 0, 1, 2]
+    assert data.test["client"].tolist() == [1] and data.test["label"].tolist() == [7]
+    one = vision.load_emnist(path=tmp_path, max_clients=1, seed=3)
+    assert len(np.unique(one.train["client"])) == 1
+
+
+def test_h5_loaders_say_when_h5py_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)   # import h5py now raises ImportError
     for name in ("fed_emnist_train.h5", "fed_emnist_test.h5"):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(InputError, match="pip install h5py"):
