@@ -10,7 +10,8 @@ row per model and seed), and prints the table.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
 import csv
 import os
 import time
@@ -22,6 +23,7 @@ from ml_collections import ConfigDict
 
 from spryjax import build, central
 from spryjax.pytrees import count_params
+from spryjax.errors import ArgumentParser, run_command
 
 # name → config.model. Widths are equal (e = 32; MulT keeps its own d = 30 with 5 heads); MulT's depth is 3
 # crossmodal + 3 self-attention blocks per target instead of its default 5 + 5, to fit a 2-core CPU budget: it is
@@ -62,7 +64,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--num_train", type=int, default=3000)
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, "experiments/delta_table.py"))

@@ -21,7 +21,6 @@ means), accuracy.png. The table is also printed, with whether Flow met the goal 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -46,6 +45,7 @@ from spryjax.fl.algorithms.lg_fedavg import lg_fedavg
 from spryjax.metrics import format_table
 from spryjax.nn import routed_models
 from spryjax.nn.routing import RoutedModel
+from spryjax.errors import ArgumentParser, run_command
 
 TASKS = {"digits_personalized": vision.digits_personalized, "mnist_personalized": vision.mnist_personalized}
 # The routed EMNIST CNN's layout (4 routing points, a policy MLP with 4 exits) at a CPU size.
@@ -199,7 +199,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="digits_personalized", choices=sorted(TASKS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=150)
@@ -244,4 +244,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "experiments/flow_table.py"))

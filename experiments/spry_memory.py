@@ -18,7 +18,6 @@ smaller than the paper's for the same activation savings.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ from spryjax.metrics import format_table
 from spryjax.models import preset
 from spryjax.plots import stacked_bars
 from spryjax.task import classification_task
+from spryjax.errors import ArgumentParser, run_command
 
 from configs import spry_rt_minilm
 
@@ -82,7 +82,7 @@ def measure(shape: str) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="minilm-l6,roberta-large,llama2-7b,opt-13b")
     parser.add_argument("--out", default="results/memory")
     args = parser.parse_args()
@@ -105,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "experiments/spry_memory.py"))

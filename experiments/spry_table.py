@@ -14,7 +14,6 @@ splits, tested on all held-out splits).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -32,6 +31,7 @@ from spryjax.data.federated import federate  # noqa: E402
 from spryjax.runners import federated  # noqa: E402
 from spryjax.metrics import format_table, read_metrics, save_config  # noqa: E402
 from spryjax.plots import curves  # noqa: E402
+from spryjax.errors import ArgumentParser, run_command  # noqa: E402
 
 ZERO_ORDER = ("fedmezo", "baffle", "fwdllm")
 
@@ -93,7 +93,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(spry_rt_minilm.METHODS))
     parser.add_argument("--alphas", default="1.0,0.1")
     parser.add_argument("--seeds", default="0,1,2")
@@ -157,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "experiments/spry_table.py"))

@@ -15,7 +15,6 @@ trainable head, cross-entropy loss, no dropout. forward_grad runs its K tangents
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from spryjax import fwdgrad, lm_tasks, peft
 from spryjax.memory import MIB, compiled_memory
 from spryjax.models import PRESETS, preset
+from spryjax.errors import ArgumentParser, run_command
 
 SHAPES = ("tiny", "minilm-l6", "roberta-large", "llama2-7b", "opt-6.7b", "opt-13b")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -85,7 +85,7 @@ def table(title: str, rows: list[dict], summary: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=[s for s in SHAPES if s in PRESETS], default="roberta-large")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "scripts/bench_memory.py"))

@@ -17,7 +17,6 @@ round would exceed --max-vmap-gib.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -37,6 +36,7 @@ from spryjax.fl.algorithms.fedavg import fedavg
 from spryjax.memory import MIB, memory_of
 from spryjax.metrics import format_table
 from spryjax.models import small
+from spryjax.errors import ArgumentParser, run_command
 
 PER_CLIENT, BATCH, LR = 50, 10, 0.1
 
@@ -137,7 +137,7 @@ def measure(model: str, cohort: int, strategy: str, data, task, params, rounds: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,mlp")
     parser.add_argument("--cohorts", default="10,100,1000,4096")
     parser.add_argument("--strategies", default="reference,loop,chunked:8,chunked:64,vmap,auto")
@@ -173,4 +173,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "scripts/bench_throughput.py"))

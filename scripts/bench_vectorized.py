@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+from spryjax.errors import ArgumentParser, run_command
 
 CONFIGS = {"spry": "configs/spry_rt_minilm.py:{method}", "digits": "configs/fedavg_digits.py"}
 
@@ -59,7 +60,7 @@ def child(task: str, mode: str, *, rounds: int, seeds: int, method: str) -> dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--tasks", default="spry,digits")
@@ -97,4 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "scripts/bench_vectorized.py"))

@@ -2,16 +2,16 @@
 
     python scripts/plot.py RUN_DIR [RUN_DIR ...] [--metric generalized_accuracy] [--out accuracy.png]
 """
-import argparse
 import os
 import sys
 
 from spryjax.metrics import read_metrics
 from spryjax.plots import curves
+from spryjax.errors import ArgumentParser, run_command
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl)")
     parser.add_argument("--metric", default="generalized_accuracy")
     parser.add_argument("--out", default="accuracy.png")
@@ -28,4 +28,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "scripts/plot.py"))

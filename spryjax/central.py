@@ -6,9 +6,16 @@ default, or any estimator with `jax.value_and_grad`'s signature plus a key, e.g.
 `functools.partial(fwdgrad.forward_grad, num_tangents=10)`), and applies an optax optimizer. Held-out evaluation
 runs after every epoch (and, optionally, every few steps); metrics go to WORKDIR/metrics.jsonl, live values to a
 progress bar.
+
+With a workdir, the state (trainable parameters and optimizer state) is checkpointed at the end of every epoch and
+a rerun resumes after the newest one, dropping the metrics records written after it: each epoch's batches and keys
+derive from (key, epoch), so a resumed run continues exactly as an uninterrupted one. An evaluation whose training
+loss, held-out loss or parameters are not finite stops the run (`Diverged`, naming the last good checkpoint);
+Ctrl-C raises `Interrupted`, naming the epoch the same command resumes from.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -17,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spryjax.checkpoint import Checkpointer
 from spryjax.data.federated import trimmed_length
-from spryjax.errors import InputError
-from spryjax.metrics import MetricsWriter, progress
+from spryjax.errors import Diverged, InputError, Interrupted
+from spryjax.pytrees import all_finite
+from spryjax.metrics import MetricsWriter, progress, read_metrics
 from spryjax.task import Task, add_sums, summarize
 
 PyTree = Any
@@ -103,15 +112,20 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     evaluate_fn = jax.jit(task.evaluate)
-    writer = MetricsWriter(workdir) if workdir else None
     n = len(next(iter(train_arrays.values())))
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
         raise InputError(f"batch_size={batch_size} exceeds the {n} training examples")
     opt_state = optimizer.init(trainable)
-    history = []
-    bar = progress(total=epochs * steps_per_epoch, desc=desc)
-    start = time.perf_counter()
+    writer = MetricsWriter(workdir) if workdir else None
+    checkpointer = Checkpointer(workdir) if workdir else None
+    start_epoch, history = 0, []
+    if checkpointer:
+        start_epoch, (trainable, opt_state) = checkpointer.restore_newest((trainable, opt_state))
+        writer.truncate_after("epoch", start_epoch)
+        history = [r for r in read_metrics(workdir) if "epoch" in r]
+    bar = progress(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc)
+    start = time.perf_counter() - (history[-1]["wall_time"] if history else 0.0)
 
     def record_evaluation(epoch: float, step: int, losses: list[jax.Array]) -> None:
         metrics = evaluate(task, trainable, frozen, test_arrays, batch_size=max(batch_size, 64),
@@ -120,32 +134,48 @@ def train(task: Task, trainable: PyTree, frozen: PyTree, train_arrays: dict[str,
         record = {"epoch": epoch, "step": step, "train_loss": float(jnp.mean(jnp.stack(losses))),
                   **{f"test_{k}": v for k, v in metrics.items()}, "wall_time": time.perf_counter() - start}
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{metrics.get('accuracy', float('nan')):.4f}")
-        history.append(record)
         if writer:
             writer.write(record)
+        losses_finite = all(math.isfinite(record[k]) for k in ("train_loss", "test_loss") if k in record)
+        if not (losses_finite and bool(all_finite(trainable))):
+            kept = f"the last good checkpoint is epoch {last_good}" if last_good else "no checkpoint was saved"
+            raise Diverged(f"diverged at epoch {epoch} (step {step}: non-finite loss or parameters); {kept}")
+        history.append(record)
 
-    for epoch in range(epochs):
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))))
-        if lengths is not None and bucket_by_length:
-            batches = length_bucketed_batches(lengths[0], batch_size, sequence_bucket, rng)
-        else:
-            batches = rng.permutation(n)[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-        losses = []
-        for s, idx in enumerate(batches):
-            batch = {k: v[idx] for k, v in train_arrays.items()}
-            if lengths is not None:
-                batch = trim_sequences(batch, lengths[0][idx], sequence_keys, sequence_bucket)
-            batch["mask"] = np.ones(batch_size, np.float32)
-            step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), s)
-            trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, step_key)
-            losses.append(loss)
-            if s % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            bar.update()
-            done = epoch * steps_per_epoch + s + 1
-            if s + 1 == steps_per_epoch:
-                record_evaluation(epoch + 1, done, losses)  # the epoch's mean training loss
-            elif eval_every_steps and done % eval_every_steps == 0:
-                record_evaluation(round(done / steps_per_epoch, 3), done, losses)  # the epoch's so far
+    last_good = start_epoch
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, epochs):
+            rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))))
+            if lengths is not None and bucket_by_length:
+                batches = length_bucketed_batches(lengths[0], batch_size, sequence_bucket, rng)
+            else:
+                batches = rng.permutation(n)[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            losses = []
+            for s, idx in enumerate(batches):
+                batch = {k: v[idx] for k, v in train_arrays.items()}
+                if lengths is not None:
+                    batch = trim_sequences(batch, lengths[0][idx], sequence_keys, sequence_bucket)
+                batch["mask"] = np.ones(batch_size, np.float32)
+                step_key = jax.random.fold_in(jax.random.fold_in(key, epoch), s)
+                trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, step_key)
+                losses.append(loss)
+                if s % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.update()
+                done = epoch * steps_per_epoch + s + 1
+                if s + 1 == steps_per_epoch:
+                    record_evaluation(epoch + 1, done, losses)  # the epoch's mean training loss
+                elif eval_every_steps and done % eval_every_steps == 0:
+                    record_evaluation(round(done / steps_per_epoch, 3), done, losses)  # the epoch's so far
+            if checkpointer:
+                checkpointer.save(epoch + 1, (trainable, opt_state))
+                last_good = epoch + 1
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted in epoch {epoch + 1}; the same command resumes from epoch {last_good + 1}"
+                          ) from None
+    finally:
+        if checkpointer:
+            checkpointer.close()
     bar.close()
     return trainable, history

@@ -1,11 +1,14 @@
 """The spryjax command line.
 
-    python -m spryjax.main --config=configs/NAME.py [--config.some.field=value ...] [--workdir=runs/NAME]
+    python -m spryjax.main --config=configs/NAME.py[:ARG] [--config.some.field=value ...] [--workdir=runs/NAME]
     spryjax --config=configs/NAME.py ...        (the same, as an installed console script)
 
-The config's `experiment` field picks what runs, from the explicit table `spryjax.runners.EXPERIMENTS`. Every
-field the run used is saved to `WORKDIR/config.json`. Bad input (an unknown field, a wrong type, a missing file, a bad value
-found later by the library) ends with one line on stderr and exit code 2; the workdir keeps what was written.
+The config's `experiment` field picks what runs, from the explicit table `spryjax.runners.EXPERIMENTS`. Before
+anything is written, every field of the config is checked (names, option names, value ranges, paths) and the
+workdir is prepared (`spryjax.runners.workdir`: a path that can hold a run, a lock against a second run, a
+resumed run's config compared with the one it started with). Every field the run used is saved to
+`WORKDIR/config.json`. Failures end with one line on stderr: exit code 2 for bad input, 3 for a diverged run,
+130 for Ctrl-C (the line says where the same command resumes); nothing already written is lost.
 """
 from __future__ import annotations
 
@@ -16,38 +19,45 @@ import sys
 # transformers (used for configs and tokenizers only) would announce at import that PyTorch is absent.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spryjax.errors import InputError  # noqa: E402
-from spryjax.metrics import save_config  # noqa: E402
-from spryjax.runners import EXPERIMENTS  # noqa: E402
+from spryjax.errors import InputError, run_command  # noqa: E402
+from spryjax.runners import EXPERIMENTS, Experiment  # noqa: E402
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file defining get_config().", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the resolved config "
-                                     "(default: runs/<config file name>).")
+PROG = "spryjax"
 
-def fail(message: str) -> None:
-    """Prints one line and exits with code 2 (bad input)."""
-    print(f"spryjax: error: {message}", file=sys.stderr)
-    sys.exit(2)
+
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    """--config, --workdir and --take_over_lock on `values` (the launcher adds its own flags beside them)."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file defining get_config([ARG]), as "
+                                    "PATH or PATH:ARG.", flag_values=values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the resolved config "
+                                         "(default: runs/<config file name>).", flag_values=values)
+    flags.DEFINE_bool("take_over_lock", False, "Take over a workdir lock held by a process on another host (after "
+                                               "making sure that run is gone).", flag_values=values)
 
 
 def explain_flag_error(exc: Exception, argv: list[str]) -> str:
     """Turns absl / ml_collections parsing exceptions into one line naming the offending argument."""
     text = " ".join(str(exc).replace("\\n", " ").split())
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    if isinstance(exc, (AttributeError, KeyError)):
-        missing = re.search(r"'([^'\\]+)", text)
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "?")
+    if isinstance(exc, AttributeError) and "has no attribute 'get_config'" in text:
+        return f"--config: {spec.split(':')[0]} defines no get_config()"
+    if isinstance(exc, (AttributeError, KeyError)) or "Unknown command line flag 'config." in text:
+        missing = re.search(r"flag 'config\.([^']+)'", text) or re.search(r"'([^'\\]+)", text)
         name = missing.group(1) if missing else "?"
-        culprit = next((a.split("=")[0] for a in overrides if f".{name}" in a.split("=")[0]), "--config.")
+        culprit = next((a.split("=")[0] for a in overrides if a.split("=")[0].endswith(name)), "--config.")
         hint = re.search(r'Did you mean "([^"]+)"', text)
         suggestion = f" (did you mean '{hint.group(1)}'?)" if hint else ""
-        return f"{culprit}: the config has no field '{name}'{suggestion}"
+        return f"{culprit}: the config has no field '{name.split('.')[-1]}'{suggestion}"
     if isinstance(exc, OSError) and "Failed loading config file" in text:
         path = re.search(r"No such file or directory: '([^']+)'", text)
-        return f"--config: no config file at {path.group(1) if path else '?'}" if path else f"--config: {text}"
+        return f"--config: no config file at {path.group(1)}" if path else f"--config: {text}"
+    if "Traceback (most recent call last)" in str(exc):   # get_config raised: its last line says why
+        last = [line.strip() for line in str(exc).replace("\\n", "\n").splitlines() if line.strip()][-1]
+        return f"--config={spec}: get_config failed: {last}"
     return text
 
 
@@ -61,44 +71,67 @@ def make_configs_importable(argv: list[str]) -> None:
                 sys.path.insert(0, folder)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_argv(argv: list[str], values: flags.FlagValues) -> list[str]:
+    """Parses `argv` into `values` (config loaded and overridden); bad input is one `InputError` line."""
     make_configs_importable(argv)
     try:
-        rest = FLAGS(argv)
-        if FLAGS.config is None:
-            fail("--config is required, e.g. --config=configs/default.py")
-        FLAGS.config.to_dict()  # a config that failed to load raises here
-        return rest
-    except flags.Error as exc:
-        fail(explain_flag_error(exc, argv))
-    except (AttributeError, KeyError, OSError, TypeError, ValueError, SyntaxError) as exc:
-        fail(explain_flag_error(exc, argv))
+        rest = values(argv)
+        if values.config is None:
+            raise InputError("--config is required, e.g. --config=configs/default.py")
+        values.config.to_dict()  # a config that failed to load raises here
+    except InputError:
+        raise
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError, SyntaxError, ImportError) as exc:
+        raise InputError(explain_flag_error(exc, argv)) from None
+    if len(rest) > 1:
+        raise InputError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
+    return rest
 
 
-def resolve_experiment(name: str):
+def resolve_experiment(name: str) -> Experiment:
     """The runner of `config.experiment`."""
     if name not in EXPERIMENTS:
         raise InputError(f"config.experiment: unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # absl would otherwise print JAX's backend probing at INFO
-    config = FLAGS.config
-    config_path = FLAGS["config"].config_filename
-    workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
-    try:
-        runner = resolve_experiment(config.get("experiment", ""))
-        save_config(config, workdir)
-        runner(config, workdir)
-    except InputError as exc:
-        fail(str(exc))
+def default_workdir(values: flags.FlagValues) -> str:
+    if values.workdir is None:
+        return os.path.join("runs", os.path.splitext(os.path.basename(values["config"].config_filename))[0])
+    if not values.workdir.strip():
+        raise InputError("--workdir: empty; give a directory, or leave the flag out for runs/<config name>")
+    return values.workdir
+
+
+def usage(values: flags.FlagValues, names: tuple[str, ...] = ("config", "workdir", "take_over_lock"),
+          doc: str = __doc__) -> str:
+    """--help and -h: the command's docstring and its flags."""
+    return doc.strip() + "\n\nflags:\n" + "\n".join(f"  --{name}: {values[name].help}" for name in names)
+
+
+def run_cli(argv: list[str]) -> int:
+    """The command line, in-process: argv in (argv[0] the program), exit code out, failures one line on stderr."""
+    from spryjax.runners import workdir as workdir_lib
+    values = flags.FlagValues()
+    define_flags(values, argv)
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        print(usage(values))
+        return 0
+
+    def main() -> None:
+        parse_argv(argv, values)
+        config = values.config
+        experiment = resolve_experiment(config.get("experiment", ""))
+        workdir = default_workdir(values)
+        experiment.check(config)
+        with workdir_lib.prepared(config, workdir, take_over_lock=values.take_over_lock):
+            experiment.run(config, workdir)
+    return run_command(main, PROG)
 
 
 def entry_point() -> None:
     """The console script `spryjax` and `python -m spryjax.main`."""
-    app.run(main, flags_parser=parse_flags)
+    sys.exit(run_cli(sys.argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
+from spryjax.errors import InputError, one_line, warn
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -33,11 +35,14 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
-    def truncate_after(self, step_key: str, last: int) -> None:
-        """Drops records with record[step_key] > last (used when resuming from a checkpoint at `last`)."""
+    def truncate_after(self, step_key: str, last: float) -> None:
+        """Drops records with record[step_key] > last (resuming from a checkpoint at `last`, or 0: from the start),
+        and a final line cut short by a killed run. Records without `step_key` (summaries) stay."""
         kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get(step_key, -1) <= last]
-        with open(self.path, "w") as f:
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(temporary, self.path)   # a kill while trimming leaves the old file or the new one, whole
 
 
 def save_config(config, workdir: str) -> None:
@@ -56,12 +61,33 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of WORKDIR/metrics.jsonl (empty if there is none)."""
+    """All records of WORKDIR/metrics.jsonl (empty if there is none).
+
+    A final line without its newline that is not a whole record (a run killed while writing it) is left out with a
+    warning; any other line that is not a JSON object is an `InputError` naming the file and the line."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read: {one_line(error)}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines) and not line.endswith("\n"):
+            warn(f"{path}: line {number} was cut short (an interrupted write); it is left out")
+        else:
+            raise InputError(f"{path}: line {number} is not a metrics record (a JSON object): {line.strip()[:60]!r}")
+    return records
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",

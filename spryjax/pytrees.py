@@ -40,3 +40,10 @@ def leaf_paths(tree: PyTree) -> list[str]:
     """The leaves' key paths as "a/0/b" strings, in `jax.tree.leaves` order."""
     return [jax.tree_util.keystr(path, simple=True, separator="/")
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@jax.jit
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every element of every floating-point leaf is finite (one boolean; True for no such leaf)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -14,7 +14,6 @@ against the per-client step memory).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -23,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from spryjax.errors import InputError
+from spryjax.errors import ArgumentParser, InputError, one_line, run_command
 from spryjax.memory import MIB
 from spryjax.metrics import METRICS_FILE, flatten, format_table, read_metrics
 from spryjax.plots import curves, scatter
@@ -40,8 +39,10 @@ class Run(NamedTuple):
 
 def find_runs(directory: str) -> list[Run]:
     """Every run under `directory` (itself included), sorted by path."""
-    if not os.path.isdir(directory):
+    if not os.path.exists(directory):
         raise InputError(f"report: no directory {directory}")
+    if not os.path.isdir(directory):
+        raise InputError(f"report: {directory} is a file; give a run's workdir or a sweep directory")
     runs = []
     for path, dirs, files in sorted(os.walk(directory)):
         dirs[:] = sorted(d for d in dirs if d != "checkpoints")
@@ -50,8 +51,11 @@ def find_runs(directory: str) -> list[Run]:
         config_path = os.path.join(path, "config.json")
         config = {}
         if os.path.exists(config_path):
-            with open(config_path) as f:
-                config = flatten(json.load(f))
+            try:
+                with open(config_path) as f:
+                    config = flatten(json.load(f))
+            except (OSError, ValueError, AttributeError) as error:
+                raise InputError(f"report: {config_path} is not a readable config ({one_line(error)})") from None
         records = read_metrics(path)
         runs.append(Run(path, config, [r for r in records if "round" in r],
                         next((r for r in records if r.get("summary") == "client_step"), {})))
@@ -144,9 +148,12 @@ def mean_curve(members: list[Run], metric: str) -> list[dict]:
 def report(directory: str, *, metric: str = "generalized_accuracy", out: str | None = None) -> dict[str, str]:
     """Writes the table and plots of the runs under `directory`; returns {what: path} and prints the table."""
     out = out or directory
-    os.makedirs(out, exist_ok=True)
     runs = find_runs(directory)
+    recorded = sorted({k for run in runs for r in run.records for k, v in r.items() if isinstance(v, (int, float))})
+    if metric not in recorded:
+        raise InputError(f"report: --metric={metric} is in no run's records; recorded: {', '.join(recorded)}")
     fields = swept_fields(runs)
+    os.makedirs(out, exist_ok=True)
     groups = group(runs, fields)
     rows = table_rows(groups, fields, metric)
     paths = {"markdown": os.path.join(out, "report.md"), "csv": os.path.join(out, "report.csv"),
@@ -171,19 +178,18 @@ def report(directory: str, *, metric: str = "generalized_accuracy", out: str | N
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spryjax.report", description=__doc__.splitlines()[0])
+def run_cli(argv: list[str]) -> int:
+    """`python -m spryjax.report`, in-process: argv in (argv[0] the program), exit code out."""
+    parser = ArgumentParser(prog="python -m spryjax.report", description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="a sweep directory (members in subdirectories) or a single run's workdir")
     parser.add_argument("--metric", default="generalized_accuracy")
     parser.add_argument("--out", default=None, help="where to write (default: the directory)")
-    args = parser.parse_args(argv)
-    try:
+
+    def main() -> None:
+        args = parser.parse_args(argv[1:])
         report(args.directory, metric=args.metric, out=args.out)
-    except InputError as exc:
-        print(f"spryjax: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, "spryjax.report")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(sys.argv))

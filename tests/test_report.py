@@ -62,4 +62,4 @@ def test_single_run_and_empty_directory(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(InputError, match="no run"):
         report.report(str(tmp_path / "empty"))
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert report.run_cli(["report", str(tmp_path / "missing")]) == 2

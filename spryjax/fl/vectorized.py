@@ -43,6 +43,7 @@ from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
 from spryjax.fl import host_loop, simulate
 from spryjax.fl.algorithm import FederatedAlgorithm
+from spryjax.pytrees import all_finite
 
 PyTree = Any
 # Tracing a hyperparameter that decides a shape or a Python branch raises one of these.
@@ -89,6 +90,9 @@ def equal_trees(a: PyTree, b: PyTree) -> bool:
 
 def _member(tree: PyTree, m: int) -> PyTree:
     return jax.tree.map(lambda x: x[m], tree)
+
+
+_members_finite = jax.jit(jax.vmap(all_finite))   # [S] booleans over a stacked tree
 
 
 def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[Member], *,
@@ -183,7 +187,8 @@ def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members
         communication=algorithm.bytes_per_round(jax.eval_shape(lambda: first.params), clients_per_round),
         summary=simulate.client_step_summary(step, vectorized_members=size),
         members=host_loop.MemberStates(split=lambda state: [_member(state, m) for m in range(size)],
-                                       join=lambda states: mesh_lib.replicate(_stack(states), mesh)),
+                                       join=lambda states: mesh_lib.replicate(_stack(states), mesh),
+                                       finite=lambda state: np.asarray(_members_finite(state.params)).tolist()),
         desc=f"{algorithm.name} ×{size} vectorized [{plan.chunk_size} clients/chunk]")
     return [simulate.RunResult(_member(state, m), histories[m], plan, step) for m in range(size)]
 

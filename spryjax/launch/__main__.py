@@ -24,14 +24,15 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from spryjax import main as cli  # defines --config and --workdir, parses them with one-line errors
-from spryjax.errors import InputError
+from spryjax import main as cli  # --config and --workdir, parsed with the CLI's one-line errors
+from spryjax.errors import InputError, run_command
 from spryjax.launch import backends, jobs as jobs_lib, sweep
 from spryjax.metrics import progress
 
 FLAGS = flags.FLAGS
+cli.define_flags(FLAGS, sys.argv)
 flags.DEFINE_enum("backend", "local", ["local", "tpu", "slurm", "ssh"], "Where the sweep runs.")
 flags.DEFINE_integer("parallel", 1, "Jobs side by side: local processes, or groups of hosts / TPU slices.")
 flags.DEFINE_string("vectorize", "", "Comma-separated swept fields (e.g. seed): members differing only in them run "
@@ -250,29 +251,23 @@ def run_remote(s: Sweep, *, backend: str, parallel: int, dry_run: bool) -> int:
     return max([p.wait() for p in procs])
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> int:
     logging.set_verbosity(logging.WARNING)
-    try:
-        if not FLAGS.workdir:
-            raise InputError("--workdir is required: the sweep's directory, e.g. --workdir=runs/my_sweep")
-        local = FLAGS.backend == "local"
-        python = FLAGS.python or (sys.executable if local else "python")
-        s = Sweep(FLAGS["config"].config_filename, FLAGS.workdir, sweep.config_overrides(sys.argv),
-                  jobs_lib.parse_fields(FLAGS.vectorize), python)
-        if FLAGS.parallel < 1 or FLAGS.processes < 1:
-            raise InputError("--parallel and --processes must be ≥ 1")
-        print(describe(s), file=sys.stderr)
-        if local:
-            platform = FLAGS.platform or detect_platform()
-            devices = FLAGS.devices or detect_devices(platform)
-            code = run_local(s, platform=platform, devices=devices, parallel=FLAGS.parallel,
-                             processes=FLAGS.processes, port=FLAGS.port, dry_run=FLAGS.dry_run)
-        else:
-            code = run_remote(s, backend=FLAGS.backend, parallel=FLAGS.parallel, dry_run=FLAGS.dry_run)
-    except InputError as exc:
-        cli.fail(str(exc))
-    sys.exit(code)
+    if not FLAGS.workdir:
+        raise InputError("--workdir is required: the sweep's directory, e.g. --workdir=runs/my_sweep")
+    local = FLAGS.backend == "local"
+    python = FLAGS.python or (sys.executable if local else "python")
+    s = Sweep(FLAGS["config"].config_filename, FLAGS.workdir, sweep.config_overrides(sys.argv),
+              jobs_lib.parse_fields(FLAGS.vectorize), python)
+    if FLAGS.parallel < 1 or FLAGS.processes < 1:
+        raise InputError("--parallel and --processes must be ≥ 1")
+    print(describe(s), file=sys.stderr)
+    if local:
+        platform = FLAGS.platform or detect_platform()
+        devices = FLAGS.devices or detect_devices(platform)
+        return run_local(s, platform=platform, devices=devices, parallel=FLAGS.parallel, processes=FLAGS.processes,
+                         port=FLAGS.port, dry_run=FLAGS.dry_run)
+    return run_remote(s, backend=FLAGS.backend, parallel=FLAGS.parallel, dry_run=FLAGS.dry_run)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -282,8 +277,16 @@ def parse_flags(argv: list[str]) -> list[str]:
             return arg
         name, sep, value = arg[2:].partition("=")
         return "--" + name.replace("-", "_") + sep + value
-    return cli.parse_flags([argv[0], *map(underscored, argv[1:])])
+    return cli.parse_argv([argv[0], *map(underscored, argv[1:])], FLAGS)
+
+
+def run_cli(argv: list[str]) -> int:
+    """The launcher, in-process: argv in, exit code out, failures one line on stderr."""
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags: see the docstring above; --helpfull lists every flag with its help.")
+        return 0
+    return run_command(lambda: (parse_flags(argv), main())[1], "spryjax.launch")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    sys.exit(run_cli(sys.argv))

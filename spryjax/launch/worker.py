@@ -17,16 +17,20 @@ DONE. A member whose training loss diverges is reported and the sweep goes on; t
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from spryjax import main as cli  # defines --config and --workdir, parses them with one-line errors
-from spryjax.errors import InputError
+from spryjax import main as cli  # --config and --workdir, parsed with the CLI's one-line errors
+from spryjax.errors import Diverged, InputError, run_command
 from spryjax.launch import jobs as jobs_lib
 from spryjax.launch import sweep
 
 FLAGS = flags.FLAGS
+cli.define_flags(FLAGS, sys.argv)
 flags.DEFINE_multi_string("member", [], "Run only these members (names as in the sweep directory).")
 flags.DEFINE_string("vectorize", "", "Comma-separated swept fields to vectorize: members differing only in them run "
                                      "as one vmapped simulation.")
@@ -64,32 +68,42 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str]) -> bool:
-    """Runs a job's unfinished members (resuming partial ones); False if one diverged."""
-    from spryjax.fl import host_loop, mesh
-    from spryjax.runners import federated
-    from spryjax.metrics import save_config
+def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str], *, take_over_lock: bool = False) -> bool:
+    """Runs a job's unfinished members (resuming partial ones); False if one diverged. Every member's config is
+    checked first, and compared with the one its workdir ran (a finished member relaunched with other values is an
+    error, not "done"); process 0 holds each running member's workdir lock."""
+    from spryjax.fl import mesh
+    from spryjax.runners import federated, workdir as workdir_lib
     main_process = mesh.is_main_process()
     configs = [sweep.resolve(config_spec, m, overrides) for m in job.members]
+    for m, c in zip(job.members, configs):
+        cli.resolve_experiment(c.get("experiment", "")).check(c)
+        if main_process and os.path.exists(os.path.join(m.workdir, workdir_lib.CONFIG_FILE)):
+            workdir_lib.compare_with_saved(c, m.workdir)
     done = _agree([sweep.status(m.workdir, c.num_rounds).state == "done" for m, c in zip(job.members, configs)])
     todo = [(m, c) for m, c, d in zip(job.members, configs, done) if not d]
     if not todo:
         return True
     if len(todo) > 1 and configs[0].experiment != "federated":
         raise InputError(f"--vectorize: experiment {configs[0].experiment!r} cannot be vectorized (only federated)")
-    if main_process:
-        print(f"== {job.name} ({len(todo)} member{'s' if len(todo) > 1 else ''}) ==", flush=True)
-        for m, c in todo:
-            sweep.prepare(m.workdir)
-            save_config(c, m.workdir)
-    _barrier(f"spryjax-launch-{job.name}")
+    with contextlib.ExitStack() as locks:
+        if main_process:
+            print(f"== {job.name} ({len(todo)} member{'s' if len(todo) > 1 else ''}) ==", flush=True)
+            for m, c in todo:
+                sweep.prepare(m.workdir)
+                locks.enter_context(workdir_lib.prepared(c, m.workdir, take_over_lock=take_over_lock))
+        _barrier(f"spryjax-launch-{job.name}")
+        return _run_members(job, todo, federated, main_process)
+
+
+def _run_members(job, todo, federated, main_process: bool) -> bool:
     try:
         if len(todo) > 1:
             federated.run_federated_vectorized([c for _, c in todo], [m.workdir for m, _ in todo])
         else:
             (m, c), = todo
-            cli.resolve_experiment(c.experiment)(c, m.workdir)
-    except host_loop.Diverged as exc:
+            cli.resolve_experiment(c.experiment).run(c, m.workdir)
+    except Diverged as exc:
         if main_process:
             print(f"{job.name}: {exc}", file=sys.stderr, flush=True)
         return False
@@ -99,31 +113,27 @@ def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str]) -> bool:
     return True
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> int:
     logging.set_verbosity(logging.WARNING)
-    try:
-        if not FLAGS.workdir:
-            raise InputError("--workdir is required: the sweep's directory")
-        index, count = parse_shard(FLAGS.shard)
-        from spryjax.fl import mesh
-        if FLAGS.coordinator or FLAGS.distributed:
-            mesh.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-        spec = FLAGS["config"].config_filename
-        if mesh.is_main_process():
-            import jax
-            print(f"spryjax worker: {jax.process_count()} process{'es' if jax.process_count() > 1 else ''} × "
-                  f"{jax.local_device_count()} {jax.default_backend()} devices", flush=True)
-        members = sweep.expand(spec, FLAGS.workdir)
-        if FLAGS.member:
-            members = sweep.select(members, FLAGS.member)
-        jobs = jobs_lib.plan_jobs(members, jobs_lib.parse_fields(FLAGS.vectorize))[index::count]
-        overrides = sweep.config_overrides(sys.argv)
-        ok = all([run_job(job, spec, overrides) for job in jobs])
-    except InputError as exc:
-        cli.fail(str(exc))
-    sys.exit(0 if ok else 1)
+    if not FLAGS.workdir:
+        raise InputError("--workdir is required: the sweep's directory")
+    index, count = parse_shard(FLAGS.shard)
+    from spryjax.fl import mesh
+    if FLAGS.coordinator or FLAGS.distributed:
+        mesh.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    spec = FLAGS["config"].config_filename
+    if mesh.is_main_process():
+        import jax
+        print(f"spryjax worker: {jax.process_count()} process{'es' if jax.process_count() > 1 else ''} × "
+              f"{jax.local_device_count()} {jax.default_backend()} devices", flush=True)
+    members = sweep.expand(spec, FLAGS.workdir)
+    if FLAGS.member:
+        members = sweep.select(members, FLAGS.member)
+    jobs = jobs_lib.plan_jobs(members, jobs_lib.parse_fields(FLAGS.vectorize))[index::count]
+    overrides = sweep.config_overrides(sys.argv)
+    ok = all([run_job(job, spec, overrides, take_over_lock=FLAGS.take_over_lock) for job in jobs])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    sys.exit(run_command(lambda: (cli.parse_argv(sys.argv, FLAGS), main())[1], "spryjax.launch.worker"))

@@ -3,7 +3,7 @@ sanity baseline every federated result is read against.
 
 Config fields: seed; data (a DATASETS entry of spryjax.build); model (a MODELS entry); optimizer (a client
 optimizer: name and options); train (the options of `central.train`: epochs, batch_size, bucket_by_length,
-eval_every_steps, sequence_bucket). Prints the final held-out metrics.
+eval_every_steps, sequence_bucket). Prints the final held-out metrics. A rerun resumes after the newest epoch checkpoint (see `spryjax.central`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ from spryjax import build, central
 # Parameters of central.train that come from elsewhere than config.train.
 _GIVEN = ("task", "trainable", "frozen", "train_arrays", "test_arrays", "optimizer", "key", "gradient_fn",
           "workdir", "lengths", "sequence_keys", "desc")
+
+
+TOP_FIELDS = ("experiment", "seed", "data", "model", "optimizer", "train")
+
+
+def check_central(config, where: str = "config") -> None:
+    """Every field of a central config checked, nothing built but small objects (see `spryjax.build`)."""
+    build.check_fields(config, where, TOP_FIELDS, required=TOP_FIELDS[1:])
+    build.check_dataset(config.data, f"{where}.data")
+    build.check_model(config.model, f"{where}.model")
+    build.client_optimizer(config.optimizer, f"{where}.optimizer")
+    build.options(config.train, f"{where}.train", central.train, given=_GIVEN)
 
 
 def run_central(config, workdir: str) -> list[dict[str, float]]:

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import os
 
-from spryjax.runners.federated import run_federated
+from spryjax import build
+from spryjax.errors import InputError
 from spryjax.memory import MIB
-from spryjax.metrics import format_table, read_metrics, save_config
+from spryjax.metrics import format_table, read_metrics
 from spryjax.plots import bars, curves
+from spryjax.runners.federated import check_federated, run_federated
+from spryjax.runners.workdir import save_checked_config
+
+
+def check_comparison(config) -> None:
+    """The top-level fields, then every member as a federated config."""
+    build.check_fields(config, "config", ("experiment", "title", "members"), required=("members",))
+    if not config.members:
+        raise InputError("config.members: empty; name at least one federated config")
+    for name, member in config.members.items():
+        check_federated(member, f"config.members.{name}")
 
 
 def summary_row(name: str, records: list[dict]) -> dict:
@@ -38,7 +50,7 @@ def run_comparison(config, workdir: str) -> list[dict]:
     runs = {}
     for name, member in config.members.items():
         member_dir = os.path.join(workdir, name)
-        save_config(member, member_dir)
+        save_checked_config(member, member_dir)
         print(f"\n== {name} ==")
         run_federated(member, member_dir)
         runs[name] = read_metrics(member_dir)

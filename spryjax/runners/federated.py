@@ -34,13 +34,32 @@ _ENGINE_GIVEN = ("algorithm", "params", "frozen", "train", "test", "num_rounds",
                  "mesh")
 
 
-def fl_options(fl) -> tuple[dict[str, Any], dict[str, Any]]:
+def fl_options(fl, where: str = "config.fl") -> tuple[dict[str, Any], dict[str, Any]]:
     """config.fl as (`federate`'s options, `run_simulation`'s options), each field checked against the two."""
     federate_fields = set(parameters_of(federate))
     partition = {k: v for k, v in fl.items() if k in federate_fields}
     engine = {k: v for k, v in fl.items() if k not in federate_fields}
-    return (build.options(partition, "config.fl", federate, given=("data", "seed")),
-            build.options(engine, "config.fl", simulate.run_simulation, given=_ENGINE_GIVEN))
+    return (build.options(partition, where, federate, given=("data", "seed")),
+            build.options(engine, where, simulate.run_simulation, given=_ENGINE_GIVEN))
+
+
+TOP_FIELDS = ("experiment", "method", "seed", "num_rounds", "data", "model", "algorithm", "fl")
+
+
+def check_federated(config, where: str = "config") -> None:
+    """Every field of a federated config checked, nothing built but small objects (see `spryjax.build`)."""
+    build.check_fields(config, where, TOP_FIELDS, required=TOP_FIELDS[2:])
+    for name in ("data", "model", "algorithm", "fl"):
+        if not build.is_section(config[name]):
+            raise InputError(f"{where}.{name}: must be a section (a ConfigDict)")
+    build.check_dataset(config.data, f"{where}.data")
+    build.check_model(config.model, f"{where}.model", routed=config.algorithm.get("name") in build.ROUTED_ALGORITHMS)
+    build.check_algorithm(config.algorithm, f"{where}.algorithm")
+    partition, engine = fl_options(config.fl, f"{where}.fl")
+    population = partition.get("num_clients", parameters_of(federate)["num_clients"].default)
+    if partition.get("partition", "dirichlet") != "natural" and engine["clients_per_round"] > population:
+        raise InputError(f"{where}.fl.clients_per_round={engine['clients_per_round']}: more than the "
+                         f"{where}.fl.num_clients={population} clients")
 
 
 class Setup(NamedTuple):
@@ -137,7 +156,8 @@ def run_federated_vectorized(configs: list, workdirs: list[str], *, mesh: Mesh |
             for part in parents:
                 node = node[part]
             node[leaf] = value
-        return build.algorithm(ConfigDict(section), built[0].task, built[0].params, options["clients_per_round"])
+        return build.algorithm(ConfigDict(section), built[0].task, built[0].params, options["clients_per_round"],
+                               check_values=False)   # traced values; each member's were checked before the run
 
     members = [vectorized.Member(b.params, b.frozen, b.clients.train, b.clients.test, c.seed,
                                  {k: v for k, v in flatten(c.to_dict()).items() if k in hyper_keys}, w)
