@@ -27,11 +27,11 @@ def fl_section(**overrides) -> ml_collections.ConfigDict:
     present, so each can be overridden from the command line (`--config.fl.alpha=0.1`); fields that may be unset
     are typed placeholders (None: the library's meaning of "not given", e.g. all clients for eval_clients).
     """
-    unset = config_dict.placeholder(int)
+    unset = lambda: config_dict.placeholder(int)   # one each: fields sharing a placeholder would be linked
     fl = ml_collections.ConfigDict({
-        "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": unset, "equal_size": True,
-        "min_examples": 2, "max_examples_per_client": unset, "test_fraction": 0.2, "clients_per_round": 10,
-        "strategy": "auto", "client_chunk_size": unset, "eval_every": 10, "eval_clients": unset,
-        "checkpoint_every": 10})
+        "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": unset(),
+        "equal_size": True, "min_examples": 2, "max_examples_per_client": unset(), "test_fraction": 0.2,
+        "clients_per_round": 10, "strategy": "auto", "client_chunk_size": unset(), "eval_every": 10,
+        "eval_clients": unset(), "checkpoint_every": 10})
     fl.update(overrides)
     return fl

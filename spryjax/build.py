@@ -24,11 +24,12 @@ not a config field.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import math
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import optax
@@ -233,8 +234,21 @@ def entry_options(entry: Entry, section: Section, where: str, num_args: int, giv
 
 def build_entry(entry: Entry, section: Section, where: str, *args, check_values: bool = True, **given) -> Any:
     """entry.function(*args, **given, **entry.fixed, **options of `section`)."""
-    return entry.function(*args, **given, **entry.fixed, **entry_options(entry, section, where, len(args),
-                                                                          tuple(given), check_values))
+    fields = entry_options(entry, section, where, len(args), tuple(given), check_values)
+    with at(where):
+        return entry.function(*args, **given, **entry.fixed, **fields)
+
+
+@contextlib.contextmanager
+def at(where: str) -> Iterator[None]:
+    """A library's InputError about a section's values (e.g. "alpha=2: ... must be in [0, 1]") names the section's
+    config path too, when it does not already."""
+    try:
+        yield
+    except InputError as error:
+        if str(error).startswith(("config", "--")):
+            raise
+        raise InputError(f"{where}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,4 +441,5 @@ def algorithm(section: Section, model_or_task: Task | routing.RoutedModel, train
     run = dict(clients_per_round=clients_per_round, name=name)
     if "tensor_order" in accepted:
         run["tensor_order"], run["head_tensors"] = tensor_layout(trainable)
-    return factory(model_or_task, **{k: v for k, v in run.items() if k in accepted}, **fields)
+    with at("config.algorithm"):
+        return factory(model_or_task, **{k: v for k, v in run.items() if k in accepted}, **fields)

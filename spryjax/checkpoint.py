@@ -9,8 +9,8 @@ leaves the previous checkpoints intact. `restore_newest` falls back from a check
 fault, a truncated file) to the newest one that can, with a warning, and moves the unreadable one to
 WORKDIR/checkpoints_unreadable/<round>/ so that it is neither used nor lost.
 
-Fault injection for tests: with the environment variable SPRYJAX_FAULT=kill_before_checkpoint_commit, the process
-dies (exit code 137, as from kill -9) after the temporary folder of its first checkpoint is completely written and
+Fault injection for tests: with the environment variable SPRYJAX_FAULT=kill_before_checkpoint_commit:R, the process
+dies (exit code 137, as from kill -9) after the temporary folder of round R's checkpoint is completely written and
 before orbax's rename commits it.
 """
 from __future__ import annotations
@@ -44,17 +44,19 @@ class Checkpointer:
         self._max_to_keep = max_to_keep
         self._manager = self._open()
 
-    def _open(self) -> ocp.CheckpointManager:
-        fault = os.environ.get(FAULT_ENV) == "kill_before_checkpoint_commit"
+    def _open(self, *, killed_before_commit: bool = False) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=self._max_to_keep, create=True,
-            temporary_path_class=_killed_before_commit() if fault else None))
+            temporary_path_class=_killed_before_commit() if killed_before_commit else None))
 
     def latest_round(self) -> int | None:
         """The round of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
     def save(self, round_: int, tree: Any) -> None:
+        if os.environ.get(FAULT_ENV) == f"kill_before_checkpoint_commit:{round_}":
+            self._manager.close()
+            self._manager = self._open(killed_before_commit=True)
         self._manager.save(round_, args=ocp.args.StandardSave(tree))
         self._manager.wait_until_finished()
 

@@ -29,13 +29,15 @@ PROG = "spryjax"
 
 
 def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
-    """--config, --workdir and --take_over_lock on `values` (the launcher adds its own flags beside them)."""
+    """--config, --workdir, --take_over_lock and --branch_from on `values` (the launcher adds its own flags)."""
     config_flags.DEFINE_config_file("config", None, "Path to a config file defining get_config([ARG]), as "
                                     "PATH or PATH:ARG.", flag_values=values, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the resolved config "
                                          "(default: runs/<config file name>).", flag_values=values)
     flags.DEFINE_bool("take_over_lock", False, "Take over a workdir lock held by a process on another host (after "
                                                "making sure that run is gone).", flag_values=values)
+    flags.DEFINE_string("branch_from", None, "A run's workdir whose newest checkpoint a new --workdir starts from "
+                                             "(to continue its state with another config).", flag_values=values)
 
 
 def explain_flag_error(exc: Exception, argv: list[str]) -> str:
@@ -71,9 +73,17 @@ def make_configs_importable(argv: list[str]) -> None:
                 sys.path.insert(0, folder)
 
 
+def forget_loaded_config() -> None:
+    """ml_collections loads every config file as the module "config_config" with `SourceFileLoader.load_module`,
+    which executes a second file into the first one's module: a get_config the second file lacks would survive.
+    Dropping the module first makes each load start clean (one process may load several configs: tests, sweeps)."""
+    sys.modules.pop("config_config", None)
+
+
 def parse_argv(argv: list[str], values: flags.FlagValues) -> list[str]:
     """Parses `argv` into `values` (config loaded and overridden); bad input is one `InputError` line."""
     make_configs_importable(argv)
+    forget_loaded_config()
     try:
         rest = values(argv)
         if values.config is None:
@@ -103,7 +113,7 @@ def default_workdir(values: flags.FlagValues) -> str:
     return values.workdir
 
 
-def usage(values: flags.FlagValues, names: tuple[str, ...] = ("config", "workdir", "take_over_lock"),
+def usage(values: flags.FlagValues, names: tuple[str, ...] = ("config", "workdir", "take_over_lock", "branch_from"),
           doc: str = __doc__) -> str:
     """--help and -h: the command's docstring and its flags."""
     return doc.strip() + "\n\nflags:\n" + "\n".join(f"  --{name}: {values[name].help}" for name in names)
@@ -124,7 +134,8 @@ def run_cli(argv: list[str]) -> int:
         experiment = resolve_experiment(config.get("experiment", ""))
         workdir = default_workdir(values)
         experiment.check(config)
-        with workdir_lib.prepared(config, workdir, take_over_lock=values.take_over_lock):
+        with workdir_lib.prepared(config, workdir, take_over_lock=values.take_over_lock,
+                                  branch_from=values.branch_from):
             experiment.run(config, workdir)
     return run_command(main, PROG)
 

@@ -30,6 +30,20 @@ class MetricsWriter:
     def __init__(self, workdir: str):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
+        self._drop_cut_short_line()
+
+    def _drop_cut_short_line(self) -> None:
+        """A run killed while writing leaves a last line without its newline: cut it off (with a warning) before
+        anything is appended to it."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                number = data.count(b"\n") + 1
+                warn(f"{self.path}: line {number} was cut short (an interrupted write); it is left out")
+                f.truncate(keep)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

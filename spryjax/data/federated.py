@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +144,8 @@ class Clients(NamedTuple):
     test: FederatedData
 
 
-def federate(data: Dataset, *, seed: int, partition: str = "dirichlet", num_clients: int = 100, alpha: float = 1.0,
+def federate(data: Dataset, *, seed: int, partition: Literal["iid", "dirichlet", "natural"] = "dirichlet",
+             num_clients: int = 100, alpha: float = 1.0,
              equal_size: bool = True, examples_per_client: int | None = None, min_examples: int = 2,
              test_fraction: float = 0.2, max_examples_per_client: int | None = None) -> Clients:
     """All of `data`'s labelled examples (its train and test splits pooled) as federated clients, each with its own

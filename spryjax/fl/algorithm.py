@@ -148,8 +148,12 @@ def backprop(loss_fn, params, key, *args, mask=None):
 
 def local_steps(key: jax.Array, count: jax.Array, capacity: int, batch_size: int, epochs: int = 1
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The minibatches and step keys of `epochs` local epochs: (index [S, B], mask [S, B], keys [S])."""
+    """The minibatches and step keys of `epochs` local epochs: (index [S, B], mask [S, B], keys [S]); S = 0 for
+    no epochs (training then changes nothing)."""
     batches = [batch_indices(jax.random.fold_in(key, e), count, capacity, batch_size) for e in range(epochs)]
+    if not batches:
+        return (jnp.zeros((0, batch_size), jnp.int32), jnp.zeros((0, batch_size), bool),
+                jax.random.split(jax.random.fold_in(key, epochs), 0))
     index = jnp.concatenate([b[0] for b in batches])
     mask = jnp.concatenate([b[1] for b in batches])
     return index, mask, jax.random.split(jax.random.fold_in(key, epochs), index.shape[0])

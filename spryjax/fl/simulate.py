@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -288,7 +288,8 @@ def client_step_cost(algorithm: FederatedAlgorithm, frozen, params, data: Federa
 
 def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: FederatedData,
                    test: FederatedData, *, num_rounds: int, clients_per_round: int, seed: int, batch_size: int,
-                   strategy: str = "auto", client_chunk_size: int | None = None, eval_every: int = 10,
+                   strategy: Literal["auto", "vmap", "chunked", "loop"] = "auto",
+                   client_chunk_size: int | None = None, eval_every: int = 10,
                    eval_clients: int | None = None, eval_chunk_size: int | None = None,
                    checkpoint_every: int | None = None, workdir: str | None = None, mesh: Mesh | None = None,
                    unroll: int | bool = 1, show_progress: bool = True) -> RunResult:

@@ -30,7 +30,7 @@ from typing import Any, Iterable, NamedTuple
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from spryjax.errors import InputError
+from spryjax.errors import InputError, one_line
 from spryjax.metrics import METRICS_FILE, read_metrics
 
 CONFIG_ARG = "config_arg"
@@ -109,7 +109,10 @@ def load_module(path: str):
         raise InputError(f"--config: no config file at {path}")
     spec = importlib.util.spec_from_file_location(f"spryjax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the user's config file: any failure is its message, on one line
+        raise InputError(f"--config: {path} fails to load: {one_line(error)}") from None
     return module
 
 
@@ -118,7 +121,14 @@ def expand(config_spec: str, sweep_dir: str) -> list[Member]:
     path, arg = split_spec(config_spec)
     module = load_module(path)
     get_sweep = getattr(module, "get_sweep", None)
-    sweep = [{}] if get_sweep is None else (get_sweep(arg) if arg is not None else get_sweep())
+    try:
+        sweep = [{}] if get_sweep is None else (get_sweep(arg) if arg is not None else get_sweep())
+    except Exception as error:  # the user's get_sweep: any failure is its message, on one line
+        raise InputError(f"{path}: get_sweep({'' if arg is None else repr(arg)}) failed: {one_line(error)}"
+                         ) from None
+    if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
+        raise InputError(f"{path}: get_sweep() must return a list of dicts (field -> value), got "
+                         f"{type(sweep).__name__}")
     sweep = list(sweep)
     if not sweep:
         raise InputError(f"{path}: get_sweep() returned no members")
@@ -149,10 +159,11 @@ def select(members: list[Member], names: Iterable[str]) -> list[Member]:
 def load_config(config_spec: str, cli_overrides: list[str] = ()) -> ConfigDict:
     """get_config(arg) of `config_spec` with `--config.key=value` strings applied, exactly as spryjax.main parses
     them (same types, same one-line errors)."""
-    from spryjax.main import explain_flag_error, make_configs_importable  # the CLI's own wording and paths
+    from spryjax.main import explain_flag_error, forget_loaded_config, make_configs_importable  # the CLI's ways
     values = flags.FlagValues()
     argv = ["spryjax", f"--config={config_spec}", *cli_overrides]
     make_configs_importable(argv)
+    forget_loaded_config()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
     try:
         values(argv)

@@ -3,7 +3,8 @@ sanity baseline every federated result is read against.
 
 Config fields: seed; data (a DATASETS entry of spryjax.build); model (a MODELS entry); optimizer (a client
 optimizer: name and options); train (the options of `central.train`: epochs, batch_size, bucket_by_length,
-eval_every_steps, sequence_bucket). Prints the final held-out metrics. A rerun resumes after the newest epoch checkpoint (see `spryjax.central`).
+eval_every_steps, sequence_bucket). Prints the final held-out metrics. A rerun resumes after the newest epoch
+checkpoint (see `spryjax.central`).
 """
 from __future__ import annotations
 

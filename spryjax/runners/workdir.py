@@ -11,6 +11,10 @@
    Any other change is an error naming the fields: a run's record must say what ran. To change anything else,
    start a new run in a new workdir.
 4. config.json is (re)written only then, with the run's complete config.
+
+To continue a run's state with another config (a lower learning rate after a divergence), branch:
+`--workdir=NEW --branch_from=OLD` starts NEW from OLD's newest readable checkpoint (copied, with OLD's metrics up
+to it and a record {"branched_from": OLD, "at": N}); NEW keeps its own config.json.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 from typing import Any, Iterator
 
@@ -125,7 +130,8 @@ def compare_with_saved(config, workdir: str) -> dict[str, list]:
         shown = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in fixed[:3])
         raise InputError(f"--workdir={workdir}: the run there used another config ({shown}"
                          f"{', …' if len(fixed) > 3 else ''}); only {', '.join(SCHEDULE_FIELDS)} may change "
-                         "when resuming; start a new run in a new --workdir")
+                         f"when resuming; start a new run in a new --workdir (--branch_from={workdir} to continue "
+                         "from its state)")
     return {k: [saved.get(k), now.get(k)] for k in changed}
 
 
@@ -147,11 +153,42 @@ def _progress(workdir: str) -> dict[str, Any]:
     return {}
 
 
+def _branch_point(source: str, workdir: str) -> int:
+    """The newest checkpoint round of the run in `source`, checked to be a place to branch from into `workdir`."""
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        raise InputError(f"--branch_from: --workdir={workdir} already holds a run; branch into a new directory")
+    folder = os.path.join(source, "checkpoints")
+    steps = sorted((int(d) for d in os.listdir(folder) if d.isdigit()), reverse=True) if os.path.isdir(folder) else []
+    if not steps:
+        raise InputError(f"--branch_from={source}: no checkpoints there to continue from")
+    return steps[0]
+
+
+def branch(source: str, workdir: str, newest: int) -> None:
+    """Copies the checkpoint of round `newest` of the run in `source` and its metrics up to it into the new run's
+    `workdir` (see the module docstring)."""
+    shutil.copytree(os.path.join(source, "checkpoints", str(newest)), os.path.join(workdir, "checkpoints",
+                                                                                     str(newest)))
+    key = "round" if any("round" in r for r in read_metrics(source)) else "epoch"
+    writer = MetricsWriter(workdir)
+    for record in read_metrics(source):
+        if record.get(key, 0) <= newest and "config_change" not in record:
+            writer.write(record)
+    writer.write({"branched_from": os.path.abspath(source), "at": newest})
+
+
 @contextlib.contextmanager
-def prepared(config, workdir: str, *, take_over_lock: bool = False) -> Iterator[None]:
+def prepared(config, workdir: str, *, take_over_lock: bool = False, branch_from: str | None = None
+             ) -> Iterator[None]:
     """The workdir checked, created, locked and holding the checked config.json for the duration of the run."""
     check_path(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    newest = _branch_point(branch_from, workdir) if branch_from else None
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--workdir={workdir}: cannot be created ({one_line(error)})") from None
     with locked(workdir, take_over=take_over_lock):
+        if branch_from:
+            branch(branch_from, workdir, newest)
         save_checked_config(config, workdir)
         yield

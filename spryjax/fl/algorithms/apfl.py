@@ -5,7 +5,7 @@ Each client holds a copy w of the global model, a local model v and a mixing wei
 model is the parameter mixture v̄ = α v + (1 − α) w. Per local step on a batch (all three from the same point):
     w ← w − opt(∇f(w))
     v ← v − opt(∇_v f(v̄)) = v − opt(α ∇f(v̄))
-    α ← α − opt(∇_α f(v̄)) = α − opt(⟨v − w, ∇f(v̄)⟩)            (with `adapt_alpha`; α is clipped to [0, 1])
+    α ← clip(α − opt(∇_α f(v̄)), 0, 1),  ∇_α f(v̄) = ⟨v − w, ∇f(v̄)⟩   (with `adapt_alpha`; projected every step)
 This is one step on (w, v, α) with the gradient of f(w) + f(α v + (1 − α) sg(w)) (sg: stop_gradient), which is how
 it is computed. The server averages w (FedAvg) and, here, v.
 
@@ -27,6 +27,7 @@ import optax
 from spryjax.fl.algorithm import (ClientOutput, FederatedAlgorithm, apply_server_optimizer,
                                   full_model_bytes, init_with_optimizer, local_training, pseudo_gradient)
 from spryjax.fl.algorithms.personalization import compare_models, global_path_task, on_global_path
+from spryjax.errors import InputError
 from spryjax.nn.routing import RoutedModel
 from spryjax.task import Task
 
@@ -34,9 +35,8 @@ PyTree = Any
 
 
 def mixture(alpha: jax.Array, v: PyTree, w: PyTree) -> PyTree:
-    """v̄ = α v + (1 − α) w, leaf by leaf, with α clipped to [0, 1]."""
-    a = jnp.clip(alpha, 0.0, 1.0)
-    return jax.tree.map(lambda x, y: a * x + (1 - a) * y, v, w)
+    """v̄ = α v + (1 − α) w, leaf by leaf (α ∈ [0, 1]: `apfl` checks the initial one, each step projects)."""
+    return jax.tree.map(lambda x, y: alpha * x + (1 - alpha) * y, v, w)
 
 
 def apfl_steps(task: Task, w: PyTree, v: PyTree, data: dict, count: jax.Array, key: jax.Array, *, alpha: float,
@@ -53,8 +53,19 @@ def apfl_steps(task: Task, w: PyTree, v: PyTree, data: dict, count: jax.Array, k
         # Value: the personalized loss; gradient: w's from its own loss, v's and α's from the personalized one.
         return personal + own - jax.lax.stop_gradient(own)
 
-    return local_training(task, (w, v, jnp.float32(alpha)), {}, data, count, key, optimizer=optimizer,
-                          batch_size=batch_size, epochs=epochs, loss_fn=loss, unroll=unroll)
+    return local_training(task, (w, v, jnp.float32(alpha)), {}, data, count, key,
+                          optimizer=optax.chain(optimizer, _alpha_projected()), batch_size=batch_size,
+                          epochs=epochs, loss_fn=loss, unroll=unroll)
+
+
+def _alpha_projected() -> optax.GradientTransformation:
+    """After the optimizer: α's update replaced by the one that lands α on clip(α + update, 0, 1), APFL's
+    projection after every step."""
+    def update(updates, state, params):
+        w_update, v_update, a_update = updates
+        alpha = params[2]
+        return (w_update, v_update, jnp.clip(alpha + a_update, 0.0, 1.0) - alpha), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def apfl(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
@@ -62,7 +73,9 @@ def apfl(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
          adapt_alpha: bool = True, personal_epochs: int | None = None, eval_batch_size: int = 64,
          unroll: int | bool = 1, name: str = "apfl") -> FederatedAlgorithm:
     """APFL over `model`'s global path: server state (w, v), both started from θ_g of `model.states`; `alpha` is
-    α's starting value (0.25 in Flow's settings)."""
+    α's starting value (0.25 in Flow's settings), in [0, 1]."""
+    if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:   # (a traced α is a vectorized sweep's)
+        raise InputError(f"alpha={alpha}: APFL's mixing weight must be in [0, 1]")
     task = global_path_task(model)
     options = dict(alpha=alpha, adapt_alpha=adapt_alpha, optimizer=client_optimizer, batch_size=batch_size,
                    unroll=unroll)

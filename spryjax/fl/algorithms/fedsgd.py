@@ -1,6 +1,7 @@
 """FedSGD (McMahan et al. 2017): per-iteration communication. Each round every client computes the gradient of
 its loss on one minibatch of `batch_size` of its examples and uploads it; the server averages them weighted by
-examples and applies its optimizer: θ ← θ + server_optimizer(Σ n_i g_i / Σ n_i).
+the examples each gradient saw and applies its optimizer: θ ← θ + server_optimizer(Σ n_i g_i / Σ n_i), with
+n_i = min(client i's examples, batch_size) (the real rows of its minibatch; BAFFLE and FwdLLM weight alike).
 """
 from __future__ import annotations
 
