@@ -5,7 +5,7 @@ and extractive QA, as the Spry paper's tasks need them.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,8 +69,8 @@ def default_head(config: ModelConfig) -> str:
 
 def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
                      key: jax.Array, dtype: Any = jnp.float32, *, head: str | None = None,
-                     label_token_ids: Sequence[int] | None = None,
-                     shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
+                     label_token_ids: Sequence[int] | None = None, shapes_only: bool = False,
+                     remat: Literal["full", "dots"] | None = None) -> tuple[Params, Params, LogitsFn]:
     """A sequence classifier: (frozen, trainable, logits_fn) with
 
         logits_fn(trainable, frozen, batch, key=None) -> logits [B, num_labels] (fp32)
@@ -86,6 +86,8 @@ def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
         token logits of `label_token_ids` (one token per class), no head parameters.
       dtype: the frozen base's dtype (fp32 or bf16); adapters and head are fp32.
       shapes_only: frozen and trainable as ShapeDtypeStructs, nothing allocated (compile-only memory studies).
+      remat: rematerialize each transformer layer under backprop: "full" (recompute everything) or "dots" (keep
+        the matrix products' outputs); see `models.layers.rematerialized`. No effect on forward-mode AD.
 
     Example:
       >>> frozen, trainable, logits_fn = build_classifier(minilm_folder, 2, PeftConfig(), key)
@@ -111,7 +113,7 @@ def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
                   key: jax.Array | None = None) -> jax.Array:
         params = merge(frozen, trainable)
         k_model, k_head = split_key(key, 2)
-        hidden = models.apply(params, batch, config=config, adapter=adapter, key=k_model)
+        hidden = models.apply(params, batch, config=config, adapter=adapter, key=k_model, remat=remat)
         if style == "lm_labels":
             return heads.lm_label_logits(decoder.output_embedding(params, config), hidden, batch["attention_mask"],
                                          labels)
@@ -122,13 +124,13 @@ def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
 
 
 def build_multiple_choice(model: Model, peft_config: PeftConfig, key: jax.Array,
-                          dtype: Any = jnp.float32, *, head: str | None = None,
-                          shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
+                          dtype: Any = jnp.float32, *, head: str | None = None, shapes_only: bool = False,
+                          remat: Literal["full", "dots"] | None = None) -> tuple[Params, Params, LogitsFn]:
     """Multiple-choice scoring: every (context, choice) sequence gets one score from a 1-output classifier head;
     batch arrays are [B, C, S] (C choices) and `logits_fn(trainable, frozen, batch, key=None)` returns [B, C]
     (softmax over choices; for MultiRC-style binary answers use `build_classifier` with 2 labels instead)."""
     frozen, trainable, score_fn = build_classifier(model, 1, peft_config, key, dtype, head=head,
-                                                   shapes_only=shapes_only)
+                                                   shapes_only=shapes_only, remat=remat)
 
     def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array | None = None) -> jax.Array:
@@ -139,8 +141,9 @@ def build_multiple_choice(model: Model, peft_config: PeftConfig, key: jax.Array,
     return frozen, trainable, logits_fn
 
 
-def build_qa(model: Model, peft_config: PeftConfig, key: jax.Array,
-             dtype: Any = jnp.float32, *, shapes_only: bool = False) -> tuple[Params, Params, LogitsFn]:
+def build_qa(model: Model, peft_config: PeftConfig, key: jax.Array, dtype: Any = jnp.float32, *,
+             shapes_only: bool = False, remat: Literal["full", "dots"] | None = None
+             ) -> tuple[Params, Params, LogitsFn]:
     """Extractive QA (SQuAD v2): `logits_fn(trainable, frozen, batch, key=None)` returns start/end logits
     [B, S, 2] over the (question, context) tokens, padding masked out; position 0 stands for "no answer"."""
     config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only,
@@ -150,7 +153,7 @@ def build_qa(model: Model, peft_config: PeftConfig, key: jax.Array,
     def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
                   key: jax.Array | None = None) -> jax.Array:
         params = merge(frozen, trainable)
-        hidden = models.apply(params, batch, config=config, adapter=adapter, key=key)
+        hidden = models.apply(params, batch, config=config, adapter=adapter, key=key, remat=remat)
         return heads.qa_logits(params, hidden, batch["attention_mask"])
 
     return frozen, trainable, logits_fn
@@ -165,13 +168,15 @@ def resolve_model(path: str) -> Model:
 
 
 def text_classifier(dataset: Dataset, key: jax.Array, *, path: str, peft: PeftConfig = PeftConfig(),
-                    dtype: str = "float32", head: str | None = None) -> tuple[Task, Params, Params]:
+                    dtype: Literal["float32", "bfloat16"] = "float32", head: str | None = None,
+                    remat: Literal["full", "dots"] | None = None) -> tuple[Task, Params, Params]:
     """(Task, trainable, frozen): `build_classifier` for `dataset`'s classes on the model `path` names
-    (`resolve_model`), its base in `dtype` ("float32" or "bfloat16"), wrapped in a classification Task.
+    (`resolve_model`), its base in `dtype`, each layer rematerialized under backprop with `remat`, wrapped in a
+    classification Task.
 
     Example:
       >>> task, trainable, frozen = text_classifier(dataset, key, path="minilm", peft=PeftConfig(rank=1))
     """
     frozen, trainable, logits_fn = build_classifier(resolve_model(path), dataset.num_classes, peft, key,
-                                                    dtype=jnp.dtype(dtype), head=head)
+                                                    dtype=jnp.dtype(dtype), head=head, remat=remat)
     return classification_task(logits_fn, dataset.num_classes), trainable, frozen

@@ -536,3 +536,10 @@ def test_central_resumes_after_its_newest_epoch(tmp_path, finished):
     assert epochs(extended) == epochs(direct) == [1, 2]
     for mine, theirs in zip(final_state(extended, 2), final_state(direct, 2)):
         np.testing.assert_array_equal(mine, theirs)
+
+
+def test_the_reliability_guide_states_these_counts():
+    text = open(os.path.join(REPO, "docs", "reliability.md")).read()
+    main_cases = sum(c.command == "main" for c in CASES)
+    assert f"**{len(CASES)} bad inputs**" in text
+    assert f"({main_cases} through `spryjax.main`, {len(CASES) - main_cases} through" in text

@@ -59,7 +59,7 @@ class FederatedAlgorithm(NamedTuple):
         data: {name: [P, ...]} one client's padded examples; count: its number of real ones;
         slot: its position 0..C-1 in the cohort (Spry assigns work by slot).
     server_update(state, update) -> ServerState
-    evaluate_client(frozen, broadcast, train, train_count, test, test_count, key) -> {group: {name: sum}}
+    evaluate_client(frozen, broadcast, train, train_count, test, test_count, client, key) -> {group: {name: sum}}
         sums over the client's held-out examples (see spryjax.task), by group: "generalized" uses the global
         model; algorithms with personalization add groups (e.g. "personalized", after local finetuning).
         The engine logs `<group>_<metric>`, e.g. generalized_accuracy.
@@ -105,8 +105,8 @@ def full_model_bytes(params_like: PyTree, cohort_size: int) -> Communication:
 def evaluate_global(task: Task, *, batch_size: int) -> Callable[..., dict[str, jax.Array]]:
     """evaluate_client for the global model: {"generalized": task.evaluate summed over the client's held-out
     examples}."""
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
-        del train, train_count, key
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
+        del train, train_count, client, key
         return {"generalized": evaluate_examples(task, params, frozen, test, test_count, batch_size=batch_size)}
     return evaluate_client
 

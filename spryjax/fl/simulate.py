@@ -210,8 +210,8 @@ def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: i
 
         def chunk_step(total, inputs):
             tr, trn, te, ten, s = inputs
-            sums = jax.vmap(algorithm.evaluate_client, in_axes=(None, None, 0, 0, 0, 0, 0))(
-                frozen, broadcast, tr, trn, te, ten, _client_keys(key, s))
+            sums = jax.vmap(algorithm.evaluate_client, in_axes=(None, None, 0, 0, 0, 0, 0, 0))(
+                frozen, broadcast, tr, trn, te, ten, s, _client_keys(key, s))   # evaluated clients are 0..E-1
             sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
             return (sums if total is None else jax.tree.map(jnp.add, total, sums)), None
 

@@ -88,11 +88,13 @@ def init(config: ModelConfig, key: jax.Array, *, dtype: Any = jnp.float32) -> Pa
 
 
 def apply(params: Params, batch: Mapping[str, jax.Array], *, config: ModelConfig,
-          adapter: AdapterOptions = AdapterOptions(), key: jax.Array | None = None) -> jax.Array:
+          adapter: AdapterOptions = AdapterOptions(), key: jax.Array | None = None,
+          remat: str | None = None) -> jax.Array:
     """Hidden states [B, S, D] for `batch` = {"input_ids": [B, S], "attention_mask": [B, S], optional
-    "token_type_ids" (encoders) or "position_ids" (decoders)}; `key` None is deterministic."""
+    "token_type_ids" (encoders) or "position_ids" (decoders)}; `key` None is deterministic; `remat` rematerializes
+    each layer under backprop ("full" or "dots", see `layers.rematerialized`)."""
     if is_decoder(config):
         return decoder.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"),
-                             config=config, adapter=adapter, key=key)
+                             config=config, adapter=adapter, key=key, remat=remat)
     return encoder.apply(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                         config=config, adapter=adapter, key=key)
+                         config=config, adapter=adapter, key=key, remat=remat)

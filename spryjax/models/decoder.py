@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from spryjax.errors import InputError
 from spryjax.models.layers import (AdapterOptions, CheckpointEntry, Init, activation, attention, dense, dense_entries,
-                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, rms_norm,
-                                   split_key)
+                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, rematerialized,
+                                   rms_norm, split_key)
 
 Params = dict[str, Any]
 DECODER_ARCHS = ("llama", "opt")
@@ -149,12 +149,13 @@ def layer(p: Params, x: jax.Array, mask: jax.Array, positions: jax.Array, *, con
 
 
 def apply(params: Params, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None,
-          *, config: DecoderConfig, adapter: AdapterOptions = AdapterOptions(),
-          key: jax.Array | None = None) -> jax.Array:
+          *, config: DecoderConfig, adapter: AdapterOptions = AdapterOptions(), key: jax.Array | None = None,
+          remat: str | None = None) -> jax.Array:
     """Final-norm hidden states [B, S, D] (Hugging Face's `last_hidden_state`) for ids [B, S] and mask [B, S].
 
     Position i attends to positions j ≤ i with attention_mask[j] = 1. `position_ids` default to
-    `default_position_ids`. Adapters merged into `params` apply in every dense node; `key` turns dropout on.
+    `default_position_ids`. Adapters merged into `params` apply in every dense node; `key` turns dropout on;
+    `remat` ("full", "dots") rematerializes each layer under backprop (`layers.rematerialized`).
     """
     positions = default_position_ids(attention_mask, config) if position_ids is None else position_ids
     emb = params["embeddings"]
@@ -164,8 +165,10 @@ def apply(params: Params, input_ids: jax.Array, attention_mask: jax.Array, posit
     s = input_ids.shape[1]
     causal = jnp.tril(jnp.ones((s, s), bool))
     mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    one_layer = rematerialized(lambda p, x, k: layer(p, x, mask, positions, config=config, adapter=adapter, key=k),
+                               remat)
     for p, k in zip(params["layers"], split_key(key, len(params["layers"]))):
-        x = layer(p, x, mask, positions, config=config, adapter=adapter, key=k)
+        x = one_layer(p, x, k)
     final = rms_norm if config.arch == "llama" else layer_norm
     return final(params["final_norm"], x, config.norm_eps)
 

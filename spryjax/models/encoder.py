@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from spryjax.errors import InputError
 from spryjax.models.layers import (AdapterOptions, CheckpointEntry, Init, activation, attention, dense, dense_entries,
-                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, split_key)
+                                   dropout, init_dense, init_norm, layer_norm, materialize, norm_entries, rematerialized,
+                                   split_key)
 
 Params = dict[str, Any]
 ENCODER_ARCHS = ("bert", "roberta", "distilbert")
@@ -119,19 +120,21 @@ def layer(p: Params, x: jax.Array, mask: jax.Array, *, config: EncoderConfig,
 
 
 def apply(params: Params, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None,
-          *, config: EncoderConfig, adapter: AdapterOptions = AdapterOptions(),
-          key: jax.Array | None = None) -> jax.Array:
+          *, config: EncoderConfig, adapter: AdapterOptions = AdapterOptions(), key: jax.Array | None = None,
+          remat: str | None = None) -> jax.Array:
     """Last hidden states [B, S, D] (Hugging Face's `last_hidden_state`) for token ids [B, S] and mask [B, S].
 
     Adapter leaves merged into `params` (spryjax.peft.merge) are applied in every dense node; `key` turns on
-    dropout (hidden, attention and LoRA), None is deterministic (evaluation, parity tests).
+    dropout (hidden, attention and LoRA), None is deterministic (evaluation, parity tests). `remat` ("full",
+    "dots") rematerializes each layer under backprop (`layers.rematerialized`).
     """
     k_emb, k_layers = split_key(key, 2)
+    one_layer = rematerialized(lambda p, x, mask, k: layer(p, x, mask, config=config, adapter=adapter, key=k), remat)
     x = embed(params, input_ids, token_type_ids, config=config, key=k_emb)
     mask = attention_mask.astype(bool)[:, None, None, :]
     layer_keys = split_key(k_layers, len(params["layers"]))
     for p, k in zip(params["layers"], layer_keys):
-        x = layer(p, x, mask, config=config, adapter=adapter, key=k)
+        x = one_layer(p, x, mask, k)
     return x
 
 

@@ -183,3 +183,19 @@ def norm_entries(name: str, path: tuple, bias: bool = True) -> list[CheckpointEn
     """The entries of a torch LayerNorm / RMSNorm `name` stored at `path` as {scale, bias}."""
     return [CheckpointEntry(f"{name}.weight", (*path, "scale"), False)] + (
         [CheckpointEntry(f"{name}.bias", (*path, "bias"), False)] if bias else [])
+
+
+# Rematerialization (`jax.checkpoint`) of a transformer layer under reverse-mode AD: "full" keeps only the layer's
+# inputs and recomputes everything in the backward pass; "dots" also keeps the outputs of its matrix products.
+REMAT_POLICIES = ("full", "dots")
+
+
+def rematerialized(layer_fn: Callable[..., jax.Array], remat: str | None) -> Callable[..., jax.Array]:
+    """`layer_fn` wrapped in `jax.checkpoint` with the policy `remat` names (None: unchanged). Only backprop's
+    memory changes: values and gradients are the same, forward-mode AD and plain evaluation are unaffected."""
+    if remat is None:
+        return layer_fn
+    if remat not in REMAT_POLICIES:
+        raise InputError(f"remat={remat!r}: must be None or one of {', '.join(REMAT_POLICIES)}")
+    policy = jax.checkpoint_policies.nothing_saveable if remat == "full" else jax.checkpoint_policies.dots_saveable
+    return jax.checkpoint(layer_fn, policy=policy)

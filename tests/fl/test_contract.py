@@ -25,9 +25,9 @@ from flax import nnx
 from spryjax import build
 from spryjax.data import vision
 from spryjax.data.federated import FederatedData
-from spryjax.fl import mesh as mesh_lib, simulate
+from spryjax.fl import simulate
 from spryjax.models import small
-from spryjax.nn import routed_models, routing
+from spryjax.nn import routing
 from spryjax.task import classification_objective, classification_task
 
 NAMES = sorted(build.ALGORITHMS)

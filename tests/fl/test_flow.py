@@ -126,14 +126,14 @@ def test_forced_routing_evaluates_as_the_pure_paths(setup, flow_algorithm):
     apply = jax.jit(model.apply, static_argnames=("mode", "hard"))
 
     forced = (g, l, force(r, 0))
-    groups = evaluate({}, forced, tr, trn, te, ten, key)
+    groups = evaluate({}, forced, tr, trn, te, ten, jnp.int32(0), key)
     assert_trees_close(groups["personalized"], groups["generalized"], rtol=0, atol=0)
     assert float(groups["generalized"]["correct"]) == correct(apply(model.states, batch, mode="global")[0])
     assert float(groups["versus_global"]["helped"]) == float(groups["versus_global"]["harmed"]) == 0.0
     assert all(float(groups["routing"][f"local_{k}"]) == 0.0 for k in range(4))
 
     forced = (g, l, force(r, 1))
-    groups = evaluate({}, forced, tr, trn, te, ten, key)
+    groups = evaluate({}, forced, tr, trn, te, ten, jnp.int32(0), key)
     personal, _ = jax.jit(lambda s: flow.client_training(
         model, s, tr, trn, key, optimizer=options()["client_optimizer"], batch_size=4, epochs=1,
         regularization=LAMBDA, local_discount=BETA, train_global=False))(forced)

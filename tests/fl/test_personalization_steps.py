@@ -119,7 +119,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 def evaluate(algorithm, broadcast, setup, key=3):
     _, (train, train_count), (test, test_count) = setup
-    return jax.jit(algorithm.evaluate_client)({}, broadcast, train, train_count, test, test_count,
+    return jax.jit(algorithm.evaluate_client)({}, broadcast, train, train_count, test, test_count, jnp.int32(0),
                                               jax.random.key(key))
 
 

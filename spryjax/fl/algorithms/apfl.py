@@ -85,7 +85,7 @@ def apfl(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
         (w, v, _), metrics = apfl_steps(task, *params, data, count, key, epochs=local_epochs, **options)
         return ClientOutput(pseudo_gradient(params, (w, v)), count.astype(jnp.float32), metrics)
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         (w, v, a), _ = apfl_steps(task, *params, train, train_count, key,
                                   epochs=local_epochs if personal_epochs is None else personal_epochs, **options)
         return compare_models(model, params[0], mixture(a, v, w), test, test_count, batch_size=eval_batch_size)

@@ -29,7 +29,7 @@ def ditto(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
     task = global_path_task(model)
     epochs = local_epochs if personal_epochs is None else personal_epochs
 
-    def evaluate_client(frozen, w, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, w, train, train_count, test, test_count, client, key):
         v, _ = local_training(task, w, frozen, train, train_count, key, optimizer=client_optimizer,
                               batch_size=batch_size, epochs=epochs, unroll=unroll,
                               loss_fn=proximal_loss(task.loss, w, proximal_lambda))

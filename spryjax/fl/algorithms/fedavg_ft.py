@@ -26,7 +26,7 @@ def fedavg_ft(model: RoutedModel, *, client_optimizer: optax.GradientTransformat
     task = global_path_task(model)
     epochs = local_epochs if finetune_epochs is None else finetune_epochs
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         tuned, _ = local_training(task, params, frozen, train, train_count, key, optimizer=client_optimizer,
                                   batch_size=batch_size, epochs=epochs, unroll=unroll)
         return compare_models(model, params, tuned, test, test_count, batch_size=eval_batch_size)

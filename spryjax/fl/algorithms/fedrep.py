@@ -50,7 +50,7 @@ def fedrep(model: RoutedModel, *, client_optimizer: optax.GradientTransformation
         return ClientOutput(pseudo_gradient(params, local), count.astype(jnp.float32),
                             {**metrics, "steps": metrics["steps"] + head_metrics["steps"]})
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         personal, _ = fit_head(params, frozen, train, train_count, key)
         return compare_models(model, params, personal, test, test_count, batch_size=eval_batch_size)
 

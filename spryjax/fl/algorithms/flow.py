@@ -166,7 +166,7 @@ def flow(model: RoutedModel, *, client_optimizer: optax.GradientTransformation,
         trained, metrics = client_training(model, states, data, count, key, epochs=local_epochs, **options)
         return ClientOutput(pseudo_gradient(states, trained), count.astype(jnp.float32), metrics)
 
-    def evaluate_client(frozen, states, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, states, train, train_count, test, test_count, client, key):
         del frozen
         personal, _ = client_training(model, states, train, train_count, key, train_global=False,
                                       epochs=local_epochs if personalize_epochs is None else personalize_epochs,

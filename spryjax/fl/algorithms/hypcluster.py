@@ -79,8 +79,8 @@ def hypcluster(model: RoutedModel, *, client_optimizer: optax.GradientTransforma
         return ClientOutput(update, weight, {**metrics, **{f"chose_{j}": c.astype(jnp.float32)
                                                           for j, c in enumerate(chosen)}})
 
-    def evaluate_client(frozen, models, train, train_count, test, test_count, key):
-        del key
+    def evaluate_client(frozen, models, train, train_count, test, test_count, client, key):
+        del client, key
         personal = select(models, choose(frozen, models, train, train_count))
 
         def predict(batch):

@@ -74,8 +74,8 @@ def knn_per(model: RoutedModel, *, client_optimizer: optax.GradientTransformatio
     logits = global_logits(model)
     features = head_input(logits, model.states[0], head)
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
-        del key
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
+        del client, key
         capacity = next(iter(train.values())).shape[0]
         size = min(eval_batch_size, capacity)
         rows = jnp.arange(-(-capacity // size) * size).reshape(-1, size)

@@ -34,7 +34,7 @@ def lg_fedavg(model: RoutedModel, *, client_optimizer: optax.GradientTransformat
     representation = jax.tree.map(lambda h: not h, head_mask(model.states[0], head))
     epochs = local_epochs if personal_epochs is None else personal_epochs
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         personal, _ = local_training(task, params, frozen, train, train_count, key, optimizer=client_optimizer,
                                      batch_size=batch_size, epochs=epochs, update_mask=representation,
                                      unroll=unroll)

@@ -124,7 +124,7 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
         update = fwdgrad.grad_from_scalars(params, tangent_key, scalars, **options)
         return update, jnp.sum(batch["mask"]), {"loss": loss, "steps": jnp.float32(1)}
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         groups = {"generalized": evaluate_examples(task, params, frozen, test, test_count, batch_size=eval_batch_size)}
         if finetune_epochs:
             local, _ = local_training(task, params, frozen, train, train_count, key, optimizer=client_optimizer,
