@@ -4,6 +4,7 @@ and extractive QA, as the Spry paper's tasks need them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -167,16 +168,30 @@ def resolve_model(path: str) -> Model:
     return hf.packaged_model() if path == "minilm" else path
 
 
+def with_base_dropout(model: Model, rate: float) -> Model:
+    """`model` with its base's hidden and attention dropout set to `rate` (weights loaded here if a path)."""
+    pretrained = model if isinstance(model, (hf.Pretrained, models.EncoderConfig, models.DecoderConfig)) else \
+        hf.load_pretrained(model)
+    config = pretrained.config if isinstance(pretrained, hf.Pretrained) else pretrained
+    config = dataclasses.replace(config, hidden_dropout=rate, attention_dropout=rate)
+    return pretrained._replace(config=config) if isinstance(pretrained, hf.Pretrained) else config
+
+
 def text_classifier(dataset: Dataset, key: jax.Array, *, path: str, peft: PeftConfig = PeftConfig(),
                     dtype: Literal["float32", "bfloat16"] = "float32", head: str | None = None,
-                    remat: Literal["full", "dots"] | None = None) -> tuple[Task, Params, Params]:
+                    remat: Literal["full", "dots"] | None = None, base_dropout: float | None = None
+                    ) -> tuple[Task, Params, Params]:
     """(Task, trainable, frozen): `build_classifier` for `dataset`'s classes on the model `path` names
     (`resolve_model`), its base in `dtype`, each layer rematerialized under backprop with `remat`, wrapped in a
-    classification Task.
+    classification Task. `base_dropout` replaces the checkpoint's hidden and attention dropout rates (None: keep
+    them; LoRA's own dropout is `peft.dropout`).
 
     Example:
       >>> task, trainable, frozen = text_classifier(dataset, key, path="minilm", peft=PeftConfig(rank=1))
     """
-    frozen, trainable, logits_fn = build_classifier(resolve_model(path), dataset.num_classes, peft, key,
+    model = resolve_model(path)
+    if base_dropout is not None:
+        model = with_base_dropout(model, base_dropout)
+    frozen, trainable, logits_fn = build_classifier(model, dataset.num_classes, peft, key,
                                                     dtype=jnp.dtype(dtype), head=head, remat=remat)
     return classification_task(logits_fn, dataset.num_classes), trainable, frozen

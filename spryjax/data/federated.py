@@ -74,21 +74,29 @@ class FederatedData:
         """Client i's examples, unpadded."""
         return {k: v[self.offsets[i]:self.offsets[i + 1]] for k, v in self.arrays.items()}
 
-    def gather(self, client_ids: Sequence[int], *, batch_size: int = 1, sequence_bucket: int = 16,
-               pad_to: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Client-major padded arrays for a cohort: ({name: [C, P, ...]}, counts [C]).
-
-        P = `pad_to` or the bucket of the cohort's largest client (see `bucket_size`); padded rows are zeros.
-        """
-        client_ids = np.asarray(client_ids, dtype=np.int64)
+    def _rows(self, client_ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row index [C, size] into the flat arrays, valid [C, size]) of a cohort padded to `size` rows."""
         counts = self.counts[client_ids]
-        size = pad_to or bucket_size(int(counts.max(initial=1)), batch_size)
         if counts.max(initial=0) > size:
             raise ValueError(f"a client has {counts.max()} examples, more than pad_to={size}")
         rows = np.zeros((len(client_ids), size), np.int64)
         valid = np.arange(size)[None, :] < counts[:, None]
-        starts = self.offsets[client_ids]
-        rows[valid] = (starts[:, None] + np.arange(size)[None, :])[valid]
+        rows[valid] = (self.offsets[client_ids][:, None] + np.arange(size)[None, :])[valid]
+        return rows, valid
+
+    def padded_size(self, client_ids: Sequence[int], batch_size: int = 1) -> int:
+        """The rows per client `gather` pads a cohort to: the bucket of its largest client (see `bucket_size`)."""
+        return bucket_size(int(self.counts[np.asarray(client_ids, dtype=np.int64)].max(initial=1)), batch_size)
+
+    def gather(self, client_ids: Sequence[int], *, batch_size: int = 1, sequence_bucket: int = 16,
+               pad_to: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Client-major padded arrays for a cohort: ({name: [C, P, ...]}, counts [C]).
+
+        P = `pad_to` or `padded_size`; padded rows are zeros; sequence arrays are cut to the cohort's longest row
+        (rounded up to `sequence_bucket`).
+        """
+        client_ids = np.asarray(client_ids, dtype=np.int64)
+        rows, valid = self._rows(client_ids, pad_to or self.padded_size(client_ids, batch_size))
         seq_len = None
         if self.sequence_keys and self.lengths is not None:
             seq_len = trimmed_length(self.lengths[rows[valid]], self.arrays[self.sequence_keys[0]].shape[1],
@@ -100,7 +108,16 @@ class FederatedData:
             if seq_len is not None and name in self.sequence_keys:
                 taken = taken[:, :, :seq_len]
             out[name] = taken
-        return out, counts.astype(np.int32)
+        return out, self.counts[client_ids].astype(np.int32)
+
+    def gather_lengths(self, client_ids: Sequence[int], *, batch_size: int = 1, pad_to: int | None = None
+                       ) -> np.ndarray:
+        """The token count of every row `gather` returns, [C, P] (0 for padding rows; None without lengths)."""
+        if self.lengths is None:
+            return None
+        client_ids = np.asarray(client_ids, dtype=np.int64)
+        rows, valid = self._rows(client_ids, pad_to or self.padded_size(client_ids, batch_size))
+        return np.where(valid, self.lengths[rows], 0)
 
 
 def trimmed_length(lengths: np.ndarray, full: int, bucket: int) -> int:

@@ -28,6 +28,7 @@ resuming, divergence) is `spryjax.fl.host_loop`, shared with vectorized sweeps.
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Literal, NamedTuple
@@ -40,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from spryjax.data.federated import FederatedData
 from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
-from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, ServerState
+from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, MinibatchTrim, ServerState
 from spryjax.fl.host_loop import LoopOptions, MemberStates, run_rounds
 from spryjax.memory import MemoryReport, memory_of
 from spryjax.pytrees import all_finite
@@ -152,15 +153,17 @@ def round_function(algorithm: FederatedAlgorithm, plan: RoundPlan, *, unroll: in
     return round_fn
 
 
-def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | None, *, unroll: int | bool = 1
-                ) -> Callable:
+def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | None, *, unroll: int | bool = 1,
+                sequence_keys: tuple[str, ...] = (), sequence_multiple: int | None = None) -> Callable:
     """round(state, frozen, data, counts, round_key) -> (state, metrics).
 
     vmap/chunked: `round_function` jitted, the state donated.
-    loop: data {name: [C, P, ...]} host arrays, counts [C]; a host loop over the clients.
+    loop: data {name: [C, P, ...]} host arrays, counts [C]; a host loop over the clients, and an optional
+    `lengths` [C, P] of each row's tokens: with `sequence_multiple`, an algorithm's eager client update cuts each
+    minibatch's `sequence_keys` arrays to its longest row (`algorithm.MinibatchTrim`).
     """
     if plan.strategy == "loop":
-        return _build_loop_round(algorithm, plan.in_flight)
+        return _build_loop_round(algorithm, plan.in_flight, sequence_keys, sequence_multiple)
     round_fn = round_function(algorithm, plan, unroll=unroll)
     if mesh is None:
         return jax.jit(round_fn, donate_argnums=0)
@@ -168,19 +171,23 @@ def build_round(algorithm: FederatedAlgorithm, plan: RoundPlan, mesh: Mesh | Non
     return jax.jit(round_fn, out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1) -> Callable:
+def _build_loop_round(algorithm: FederatedAlgorithm, in_flight: int = 1, sequence_keys: tuple[str, ...] = (),
+                      sequence_multiple: int | None = None) -> Callable:
     """The loop strategy. `in_flight` > 1 runs that many clients at once on host threads (JAX releases the GIL
     while XLA computes); outputs are accumulated in slot order either way, so the sums are the same."""
     client = algorithm.eager_client_update or jax.jit(algorithm.client_update)
+    trims = bool(algorithm.eager_client_update and sequence_keys and sequence_multiple)
     add = jax.jit(lambda acc, out, n: accumulate(acc, jax.tree.map(lambda x: x[None], out), n[None]))
     first = jax.jit(lambda out, n: accumulate(None, jax.tree.map(lambda x: x[None], out), n[None]))
     broadcast = jax.jit(algorithm.broadcast)
     server = jax.jit(lambda state, acc: finish(algorithm, state, acc), donate_argnums=0)
 
-    def round_fn(state, frozen, data, counts, round_key):
+    def round_fn(state, frozen, data, counts, round_key, lengths=None):
         b = broadcast(state)
+        trim = lambda slot: ({"trim": MinibatchTrim(lengths[slot], sequence_keys, sequence_multiple)}
+                             if trims and lengths is not None else {})
         run = lambda slot: client(frozen, b, {k: v[slot] for k, v in data.items()}, counts[slot], np.int32(slot),
-                                  jax.random.fold_in(round_key, slot))
+                                  jax.random.fold_in(round_key, slot), **trim(slot))
         outputs = map(run, range(len(counts))) if in_flight == 1 else _in_order(run, len(counts), in_flight)
         acc = None
         for slot, out in enumerate(outputs):
@@ -202,15 +209,39 @@ def _in_order(fn: Callable, n: int, window: int):
             yield result
 
 
-def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int) -> Callable:
+class EvaluationSchedule(NamedTuple):
+    """Which clients an evaluation at round r covers, and whether it is the costlier final one.
+
+    Evaluations run every `eval_every` rounds and at the last round (`host_loop`). Each covers the first
+    `eval_clients` clients (None: all), except that with `interim_eval_clients` set, evaluations that are neither
+    at the last round nor at a multiple of `full_eval_every` cover only the first `interim_eval_clients` (a cheap
+    fixed subset for the curve). The last round uses the algorithm's `evaluate_client_final` where it has one."""
+    num_rounds: int
+    eval_clients: int | None = None
+    interim_eval_clients: int | None = None
+    full_eval_every: int | None = None
+
+    def clients(self, round_: int) -> int | None:
+        full = round_ == self.num_rounds or (self.full_eval_every and round_ % self.full_eval_every == 0)
+        return self.eval_clients if (full or not self.interim_eval_clients) else self.interim_eval_clients
+
+    def final(self, round_: int) -> bool:
+        return round_ == self.num_rounds
+
+
+def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int, *, final: bool = False
+                        ) -> Callable:
     """The pure evaluate(frozen, broadcast, train, train_counts, test, test_counts, key) -> {group: sums} over all
-    clients, arrays shaped [num_chunks, chunk, ...]; clients with no test examples contribute nothing."""
+    clients, arrays shaped [num_chunks, chunk, ...]; clients with no test examples contribute nothing. `final`
+    uses the algorithm's `evaluate_client_final` where it has one."""
+    evaluate_client = (algorithm.evaluate_client_final if final else None) or algorithm.evaluate_client
+
     def evaluate(frozen, broadcast, train, train_counts, test, test_counts, key):
         slots = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(num_chunks, chunk)
 
         def chunk_step(total, inputs):
             tr, trn, te, ten, s = inputs
-            sums = jax.vmap(algorithm.evaluate_client, in_axes=(None, None, 0, 0, 0, 0, 0, 0))(
+            sums = jax.vmap(evaluate_client, in_axes=(None, None, 0, 0, 0, 0, 0, 0))(
                 frozen, broadcast, tr, trn, te, ten, s, _client_keys(key, s))   # evaluated clients are 0..E-1
             sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
             return (sums if total is None else jax.tree.map(jnp.add, total, sums)), None
@@ -222,9 +253,10 @@ def evaluation_function(algorithm: FederatedAlgorithm, chunk: int, num_chunks: i
     return evaluate
 
 
-def build_evaluation(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int, mesh: Mesh | None) -> Callable:
+def build_evaluation(algorithm: FederatedAlgorithm, chunk: int, num_chunks: int, mesh: Mesh | None, *,
+                     final: bool = False) -> Callable:
     """`evaluation_function` jitted, its sums replicated."""
-    evaluate = evaluation_function(algorithm, chunk, num_chunks)
+    evaluate = evaluation_function(algorithm, chunk, num_chunks, final=final)
     if mesh is None:
         return jax.jit(evaluate)
     return jax.jit(evaluate, out_shardings=NamedSharding(mesh, P()))
@@ -290,9 +322,11 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
                    test: FederatedData, *, num_rounds: int, clients_per_round: int, seed: int, batch_size: int,
                    strategy: Literal["auto", "vmap", "chunked", "loop"] = "auto",
                    client_chunk_size: int | None = None, eval_every: int = 10,
-                   eval_clients: int | None = None, eval_chunk_size: int | None = None,
+                   eval_clients: int | None = None, interim_eval_clients: int | None = None,
+                   full_eval_every: int | None = None, eval_chunk_size: int | None = None,
                    checkpoint_every: int | None = None, workdir: str | None = None, mesh: Mesh | None = None,
-                   unroll: int | bool = 1, show_progress: bool = True) -> RunResult:
+                   unroll: int | bool = 1, show_progress: bool = True, sequence_multiple: int | None = 8
+                   ) -> RunResult:
     """Runs `num_rounds` rounds of `algorithm` (see the module docstring) and returns the final state.
 
     Args:
@@ -301,9 +335,14 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
       batch_size: client minibatch size; client data is padded to a multiple of it.
       strategy, client_chunk_size: how clients execute (see `plan_round`); chunk size None lets the strategy pick.
       eval_every: evaluate every this many rounds and at the last (0: never), on the first `eval_clients`
-        clients (None: all).
+        clients (None: all), or at interim rounds on the first `interim_eval_clients` while rounds that are
+        multiples of `full_eval_every` (a multiple of eval_every) and the last cover `eval_clients`
+        (`EvaluationSchedule`).
       checkpoint_every: save the state every this many rounds and at the last (None or 0: never).
       workdir: metrics.jsonl and checkpoints/; an existing checkpoint there is resumed (`spryjax.fl.host_loop`).
+      sequence_multiple: with the loop strategy and an algorithm's eager client update, each local minibatch's
+        sequences are cut to its longest row rounded up to this many tokens (None: to the cohort's longest row,
+        as every strategy does). About 1.4× faster Spry rounds on the offline text task (scripts/bench_lm_round.py).
 
     Example:
       >>> result = run_simulation(fedavg(task, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
@@ -320,7 +359,8 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
     plan = plan_round(strategy, clients_per_round, num_devices, client_chunk_size=client_chunk_size,
                       step_flops=step.flops)
     round_mesh = None if plan.strategy == "loop" else mesh
-    compiled_round = build_round(algorithm, plan, round_mesh, unroll=unroll)
+    compiled_round = build_round(algorithm, plan, round_mesh, unroll=unroll, sequence_keys=train.sequence_keys,
+                                 sequence_multiple=sequence_multiple)
     root = jax.random.key(seed)
     frozen = place(frozen, round_mesh, clients_axis=None)
     state = place(algorithm.init(params, jax.random.fold_in(root, INIT_STREAM)), round_mesh, clients_axis=None)
@@ -328,23 +368,30 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
     def round_fn(state, round_):
         cohort = sample_cohort(seed, round_, num_clients, clients_per_round)
         arrays, counts = train.gather(cohort, batch_size=batch_size)
-        if plan.strategy != "loop":
+        extra = {}
+        if plan.strategy == "loop":
+            extra["lengths"] = train.gather_lengths(cohort, batch_size=batch_size)
+        else:
             arrays, counts = chunked(arrays, counts, plan)
             arrays = place(arrays, round_mesh, clients_axis=1)
             counts = place(counts, round_mesh, clients_axis=1)
-        state, metrics = compiled_round(state, frozen, arrays, counts, jax.random.fold_in(root, round_))
+        state, metrics = compiled_round(state, frozen, arrays, counts, jax.random.fold_in(root, round_), **extra)
         return state, [{k: float(v) for k, v in mesh_lib.to_host(metrics).items()}]
 
-    evaluate = None
-    if eval_every:
-        evaluate_state = _evaluation(algorithm, train, test, eval_clients,
-                                     eval_chunk_size or max(plan.chunk_size, 8 * num_devices), batch_size, mesh,
-                                     num_devices)
-        evaluate = lambda state, round_: [evaluate_state(state, frozen, jax.random.fold_in(
-            jax.random.fold_in(root, EVAL_STREAM), round_))]
+    schedule = evaluation_schedule(num_rounds, eval_every, eval_clients, interim_eval_clients, full_eval_every)
+    chunk = eval_chunk_size or max(plan.chunk_size, 8 * num_devices)
+
+    @functools.cache
+    def evaluation_for(clients: int | None, final: bool):
+        return _evaluation(algorithm, train, test, clients, chunk, batch_size, mesh, num_devices, final=final)
+
+    def evaluate(state, round_):
+        key = jax.random.fold_in(jax.random.fold_in(root, EVAL_STREAM), round_)
+        return [evaluation_for(schedule.clients(round_), schedule.final(round_))(state, frozen, key)]
     shape = "" if plan.strategy == "loop" else f", {plan.chunk_size} clients/chunk"
     state, (history,) = run_rounds(
-        state, round_fn, evaluate=evaluate, workdirs=[workdir], write=mesh_lib.is_main_process(),
+        state, round_fn, evaluate=evaluate if eval_every else None, workdirs=[workdir],
+        write=mesh_lib.is_main_process(),
         options=LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress, on_divergence="stop"),
         communication=algorithm.bytes_per_round(jax.eval_shape(lambda: params), clients_per_round),
         summary=client_step_summary(step), members=MemberStates(
@@ -376,14 +423,27 @@ def evaluation_record(groups: dict) -> dict[str, float]:
     return {f"{group}_{k}": v for group, sums in groups.items() for k, v in summarize(sums).items() if k != "count"}
 
 
+def evaluation_schedule(num_rounds: int, eval_every: int, eval_clients: int | None,
+                        interim_eval_clients: int | None, full_eval_every: int | None) -> EvaluationSchedule:
+    """The checked `EvaluationSchedule` of a run's options."""
+    if full_eval_every and eval_every and full_eval_every % eval_every:
+        raise InputError(f"full_eval_every={full_eval_every} must be a multiple of eval_every={eval_every}")
+    if full_eval_every and not interim_eval_clients:
+        raise InputError("full_eval_every needs interim_eval_clients (every evaluation covers eval_clients otherwise)")
+    return EvaluationSchedule(num_rounds, eval_clients, interim_eval_clients, full_eval_every)
+
+
 def _evaluation(algorithm, train: FederatedData, test: FederatedData, eval_clients, chunk, batch_size, mesh,
-                num_devices):
-    """A closure evaluating the state on a fixed set of clients (data gathered and placed once)."""
+                num_devices, *, final: bool = False):
+    """A closure evaluating the state on a fixed set of clients (data gathered and placed once); its records
+    carry `evaluated_clients`."""
     plan, arrays = evaluation_arrays(train, test, eval_clients, chunk, batch_size, num_devices)
     placed = place(arrays, mesh, clients_axis=1)
-    evaluate = build_evaluation(algorithm, plan.chunk_size, plan.num_chunks, mesh)
+    evaluate = build_evaluation(algorithm, plan.chunk_size, plan.num_chunks, mesh, final=final)
     broadcast = jax.jit(algorithm.broadcast)
+    evaluated = min(eval_clients or train.num_clients, train.num_clients)
 
     def run_evaluation(state, frozen, key):
-        return evaluation_record(mesh_lib.to_host(evaluate(frozen, broadcast(state), *placed, key)))
+        record = evaluation_record(mesh_lib.to_host(evaluate(frozen, broadcast(state), *placed, key)))
+        return {**record, "evaluated_clients": evaluated}
     return run_evaluation

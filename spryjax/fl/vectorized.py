@@ -31,6 +31,7 @@ one client per device: the member axis then gives the vmap its width.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -98,12 +99,14 @@ _members_finite = jax.jit(jax.vmap(all_finite))   # [S] booleans over a stacked 
 def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members: Sequence[Member], *,
                    num_rounds: int, clients_per_round: int, batch_size: int, strategy: str = "auto",
                    client_chunk_size: int | None = None, eval_every: int = 10, eval_clients: int | None = None,
+                   interim_eval_clients: int | None = None, full_eval_every: int | None = None,
                    eval_chunk_size: int | None = None, checkpoint_every: int | None = None,
-                   mesh: Mesh | None = None, unroll: int | bool = 1, show_progress: bool = True
-                   ) -> list[simulate.RunResult]:
+                   mesh: Mesh | None = None, unroll: int | bool = 1, show_progress: bool = True,
+                   sequence_multiple: int | None = None) -> list[simulate.RunResult]:
     """Runs `num_rounds` rounds of every member as one vmapped program (see the module docstring); returns each
-    member's RunResult as `simulate.run_simulation` would. Options mean what they mean there; a member whose
-    training loss turns non-finite leaves the sweep and the others run on (`host_loop`'s "drop_member").
+    member's RunResult as `simulate.run_simulation` would. Options mean what they mean there (`sequence_multiple`
+    only acts in the loop strategy, which a vectorized sweep replaces by compiled chunks); a member whose training
+    loss turns non-finite leaves the sweep and the others run on (`host_loop`'s "drop_member").
 
     Example:
       >>> make = lambda h: fedavg(task, client_optimizer=optax.sgd(h["lr"]), server_optimizer=optax.sgd(1.0),
@@ -111,6 +114,7 @@ def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members
       >>> members = [Member(params_s, {}, train_s, test_s, seed=s, hyperparams={"lr": 0.1}) for s ...]
       >>> results = run_vectorized(make, members, num_rounds=30, clients_per_round=10, batch_size=8)
     """
+    del sequence_multiple
     size = len(members)
     first = members[0]
     keys = sorted(first.hyperparams)
@@ -172,13 +176,18 @@ def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members
         metrics = mesh_lib.to_host(metrics)
         return state, [{k: float(v[m]) for k, v in metrics.items()} for m in range(size)]
 
-    evaluate_members = _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval_clients,
-                                   eval_chunk_size or max(plan.chunk_size, 8 * num_devices), batch_size, mesh,
-                                   num_devices) if eval_every else None
+    schedule = simulate.evaluation_schedule(num_rounds, eval_every, eval_clients, interim_eval_clients,
+                                            full_eval_every)
+    chunk = eval_chunk_size or max(plan.chunk_size, 8 * num_devices)
+
+    @functools.cache
+    def evaluation_for(clients: int | None, final: bool):
+        return _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, clients, chunk, batch_size,
+                           mesh, num_devices, final=final)
 
     def evaluate(state, round_):
         with traceable():
-            return evaluate_members(state, round_)
+            return evaluation_for(schedule.clients(round_), schedule.final(round_))(state, round_)
     state, histories = host_loop.run_rounds(
         mesh_lib.replicate(host_state, mesh), round_fn, evaluate=evaluate if eval_every else None,
         workdirs=[m.workdir for m in members], write=mesh_lib.is_main_process(),
@@ -205,7 +214,7 @@ def _traceable(keys: list[str], name: str):
 
 
 def _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval_clients, chunk, batch_size, mesh,
-                num_devices) -> Callable[[Any, int], list[dict]]:
+                num_devices, *, final: bool = False) -> Callable[[Any, int], list[dict]]:
     """A closure evaluating every member's state on its own fixed set of clients: evaluate(state, round) ->
     one record per member."""
     plans_arrays = [simulate.evaluation_arrays(m.train, m.test, eval_clients, chunk, batch_size, num_devices)
@@ -216,12 +225,14 @@ def _evaluation(make_algorithm, members, hyper, frozen, frozen_axis, roots, eval
     def member_evaluation(h, frozen_m, state, train, train_counts, test, test_counts, root, round_):
         algorithm = make_algorithm(h)
         key = jax.random.fold_in(jax.random.fold_in(root, simulate.EVAL_STREAM), round_)
-        return simulate.evaluation_function(algorithm, plan.chunk_size, plan.num_chunks)(
+        return simulate.evaluation_function(algorithm, plan.chunk_size, plan.num_chunks, final=final)(
             frozen_m, algorithm.broadcast(state), train, train_counts, test, test_counts, key)
     evaluate = jax.jit(jax.vmap(member_evaluation, in_axes=(0, frozen_axis, 0, 0, 0, 0, 0, 0, None)),
                        out_shardings=NamedSharding(mesh, P()))
 
     def run_evaluation(state, round_):
         groups = mesh_lib.to_host(evaluate(hyper, frozen, state, *placed, roots, np.int32(round_)))
-        return [simulate.evaluation_record(_member(groups, m)) for m in range(len(members))]
+        evaluated = min(eval_clients or members[0].train.num_clients, members[0].train.num_clients)
+        return [{**simulate.evaluation_record(_member(groups, m)), "evaluated_clients": evaluated}
+                for m in range(len(members))]
     return run_evaluation

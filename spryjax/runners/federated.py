@@ -43,12 +43,13 @@ def fl_options(fl, where: str = "config.fl") -> tuple[dict[str, Any], dict[str, 
             build.options(engine, where, simulate.run_simulation, given=_ENGINE_GIVEN))
 
 
-TOP_FIELDS = ("experiment", "method", "seed", "num_rounds", "data", "model", "algorithm", "fl")
+# method and settings_from are labels (a config's name for its method, where its settings come from).
+TOP_FIELDS = ("experiment", "method", "settings_from", "seed", "num_rounds", "data", "model", "algorithm", "fl")
 
 
 def check_federated(config, where: str = "config") -> None:
     """Every field of a federated config checked, nothing built but small objects (see `spryjax.build`)."""
-    build.check_fields(config, where, TOP_FIELDS, required=TOP_FIELDS[2:])
+    build.check_fields(config, where, TOP_FIELDS, required=TOP_FIELDS[3:])
     for name in ("data", "model", "algorithm", "fl"):
         if not build.is_section(config[name]):
             raise InputError(f"{where}.{name}: must be a section (a ConfigDict)")

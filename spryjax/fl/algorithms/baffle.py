@@ -1,28 +1,57 @@
-"""BAFFLE (Feng et al. 2023, "Does Federated Learning Really Need Backpropagation?"): FedSGD-shaped rounds in which
-each client measures K central differences of its loss on a minibatch and uploads the K scalars; the server
-regenerates the perturbations from the seed and forms
+"""BAFFLE (Feng et al. 2023, "Does Federated Learning Really Need Backpropagation?") in both of the shapes Spry has
+(`communication`, as in spry.py). A client's estimate on a minibatch is K central differences of its loss:
 
-    ĝ_i = (1/K) Σ_k (L_i(θ + σ v_k) − L_i(θ − σ v_k)) / (2σ) · v_k,      K = 10, σ = 1e-4 (BAFFLE's defaults),
+    ĝ = (1/K) Σ_k d_k v_k,    d_k = (L(θ + σ v_k) − L(θ − σ v_k)) / (2σ),    K = 10, σ = 1e-4 (BAFFLE's defaults)
 
-averages by examples and applies its optimizer. The released code's difference quotient divides by 2 and multiplies
-by σ (an operator-precedence bug); the textbook formula above is used (`fwdgrad.central_diff_grad`).
+(`fwdgrad.central_diff_grad`, v_k regenerated from the step's seed).
+
+"per_iteration" (default; BAFFLE's own, FedSGD-shaped): one minibatch per round (fedsgd.py); the client uploads
+the K scalars d_k only (4·K bytes); the server regenerates v_k from the seed, forms ĝ, averages by the minibatch's
+examples and applies its optimizer. No client optimizer, no local epochs: setting them is an error.
+
+"per_epoch" (the Spry paper's BAFFLE+, FedAvg-shaped): `local_epochs` of the client optimizer (AdamW lr 1e-4 in the
+released code) with ĝ at every minibatch, then the client uploads Δ = θ − θ_local (the whole trainable tree); the
+server averages by examples and applies its optimizer (FedYogi in the released code).
+
+Released-code defects, not copied: BAFFLE+'s difference quotient is written `difference / 2 * sigma`, which by
+operator precedence multiplies by σ/2 instead of dividing by 2σ: every d_k is scaled by σ²/4 against the textbook
+formula above, and the accumulation then weighs every perturbation after the first by about σ²/2 against the first,
+so the released estimate is effectively one perturbation's: K = 1 here reproduces what it effectively ran (up to
+the overall scale, which the adaptive server optimizer largely absorbs). Plain BAFFLE's code also perturbs every
+state_dict tensor, frozen base included; here only the trainable tree is perturbed.
 """
 from __future__ import annotations
 
 import functools
+from typing import Literal
+
+import optax
 
 from spryjax import fwdgrad
-from spryjax.fl.algorithm import Communication, FederatedAlgorithm
-from spryjax.signatures import forwards_options_to
+from spryjax.fl.algorithm import FederatedAlgorithm
+from spryjax.fl.algorithms.fedavg import fedavg
 from spryjax.fl.algorithms.fedsgd import fedsgd
-from spryjax.pytrees import tree_bytes
+from spryjax.fl.algorithms.spry import check_communication, scalars_up_bytes
+from spryjax.signatures import forwards_options_to
 from spryjax.task import Task
 
 
 @forwards_options_to(fedsgd, sets=("gradient_fn", "bytes_per_round", "name"))
-def baffle(task: Task, *, sigma: float = 1e-4, num_tangents: int = 10, **fedsgd_options) -> FederatedAlgorithm:
-    """σ = `sigma`, K = `num_tangents` perturbations per round; a client uploads K fp32 scalars."""
+def baffle(task: Task, *, sigma: float = 1e-4, num_tangents: int = 10,
+           communication: Literal["per_epoch", "per_iteration"] = "per_iteration",
+           client_optimizer: optax.GradientTransformation | None = None, local_epochs: int = 1,
+           **fedsgd_options) -> FederatedAlgorithm:
+    """σ = `sigma`, K = `num_tangents` perturbations per estimate; `client_optimizer` and `local_epochs` are
+    per-epoch options (see the module docstring).
+
+    Example (BAFFLE+):
+      >>> baffle(task, communication="per_epoch", client_optimizer=optax.adamw(1e-4), server_optimizer=yogi,
+      ...        batch_size=8)
+    """
+    check_communication(communication, client_optimizer=client_optimizer, local_epochs=local_epochs)
     estimator = functools.partial(fwdgrad.central_diff_grad, sigma=sigma, num_tangents=num_tangents)
-    bytes_per_round = lambda params_like, cohort: Communication(down=tree_bytes(params_like) * cohort,
-                                                                up=4 * num_tangents * cohort)
-    return fedsgd(task, gradient_fn=estimator, bytes_per_round=bytes_per_round, name="baffle", **fedsgd_options)
+    if communication == "per_epoch":
+        return fedavg(task, client_optimizer=client_optimizer, local_epochs=local_epochs, gradient_fn=estimator,
+                      name="baffle", **fedsgd_options)
+    return fedsgd(task, gradient_fn=estimator, bytes_per_round=scalars_up_bytes(4 * num_tangents), name="baffle",
+                  **fedsgd_options)

@@ -27,12 +27,12 @@ def fedavg(task: Task, *, client_optimizer: optax.GradientTransformation,
       >>> algorithm = fedavg(task, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0), batch_size=8)
     """
     def client_update_with(train):
-        def client_update(frozen, params, data, count, slot, key):
+        def client_update(frozen, params, data, count, slot, key, **train_options):
             del slot
             loss_fn = proximal_loss(task.loss, params, proximal_mu) if proximal_mu else task.loss
             local, metrics = train(task, params, frozen, data, count, key, optimizer=client_optimizer,
                                    batch_size=batch_size, epochs=local_epochs, gradient_fn=gradient_fn,
-                                   loss_fn=loss_fn, unroll=unroll)
+                                   loss_fn=loss_fn, unroll=unroll, **train_options)
             return ClientOutput(pseudo_gradient(params, local), count.astype(jnp.float32), metrics)
         return client_update
 

@@ -21,15 +21,25 @@ then the server optimizer (FedYogi by default; `flower_yogi` is the variant the 
 `dilute_aggregation=True` reproduces the released code, which averages every tensor over all C clients
 (u_t = Σ_s n_s M[s,t] Δ_{s,t} / Σ_s n_s), shrinking each update by the share of clients that trained it.
 
-Evaluation: "generalized" is the global model on each client's held-out split; "personalized" is that client's
-model after `finetune_epochs` of local forward-gradient finetuning (what the released code logs as accuracy).
+Evaluation: "generalized" is the global model on each client's held-out split. With `finetune_epochs` > 0,
+"finetuned" is the released code's reported accuracy (its "Test Generalized Accuracy"), measured after
+`finetune_epochs` of forward-gradient finetuning on the client's own chunk: the evaluated client `client` takes the
+chunk of slot `client mod clients_per_round` (the assignment M above), draws its tangents and applies the client
+optimizer's updates there only, as in training, on its training split, then is scored on its held-out split
+(`finetune_scope="all"` finetunes every trainable tensor instead). The released code finetunes 5 epochs with AdamW on
+10 sampled clients; the engine evaluates the clients it is given.
+
+Options a communication shape does not use are errors, not ignored (`check_communication`): per-iteration rounds
+take no `client_optimizer` (unless `finetune_epochs` needs one) and no `local_epochs` other than 1.
+
+`chunk_gradient_shares` is a diagnostic of where the gradient lives: each chunk's share of ‖∇L‖².
 
 `gradient="backprop"` swaps the estimator for reverse mode: the paper's FedAvgSplit ablation.
 """
 from __future__ import annotations
 
 import functools
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +47,14 @@ import numpy as np
 import optax
 
 from spryjax import fwdgrad
+from spryjax.errors import InputError
 from spryjax.fl.algorithm import (ClientOutput, Communication, FederatedAlgorithm, apply_server_optimizer,
                                   backprop, dispatched_local_training, evaluate_examples, first_batch,
                                   init_with_optimizer, local_training, pseudo_gradient)
+from spryjax.pytrees import tree_bytes
 from spryjax.task import Task
+
+PyTree = Any
 
 
 def assign_tensors(num_tensors: int, num_slots: int, *, tensors_per_chunk: int = 2,
@@ -65,16 +79,49 @@ def assign_tensors(num_tensors: int, num_slots: int, *, tensors_per_chunk: int =
     return matrix
 
 
-def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.GradientTransformation,
-         server_optimizer: optax.GradientTransformation, batch_size: int, local_epochs: int = 1,
+def check_communication(communication: str, *, client_optimizer: optax.GradientTransformation | None,
+                        local_epochs: int, finetune_epochs: int = 0) -> None:
+    """The option rule of the two communication shapes that Spry and its zero-order baselines (fedmezo, baffle,
+    fwdllm) share. "per_epoch": `local_epochs` of the client optimizer, weights up: `client_optimizer` is required.
+    "per_iteration": one minibatch per round, a gradient or its scalars up: neither `client_optimizer` nor
+    `local_epochs` is used, so setting them is an InputError rather than silently ignored. `finetune_epochs` > 0
+    (Spry's evaluation) uses the client optimizer in either shape."""
+    if communication not in ("per_epoch", "per_iteration"):
+        raise InputError(f"communication must be 'per_epoch' or 'per_iteration', got {communication!r}")
+    if communication == "per_iteration" and local_epochs != 1:
+        raise InputError(f"local_epochs={local_epochs}: not used by per_iteration communication "
+                         "(one minibatch per round)")
+    if client_optimizer is None:
+        if communication == "per_epoch":
+            raise InputError("client_optimizer is required for per_epoch communication")
+        if finetune_epochs:
+            raise InputError("client_optimizer is required for finetune_epochs > 0")
+    elif communication == "per_iteration" and not finetune_epochs:
+        raise InputError("client_optimizer: not used by per_iteration communication")
+
+
+def scalars_up_bytes(bytes_per_client: int) -> Callable[[PyTree, int], Communication]:
+    """`bytes_per_round` of the seed trick: every client downloads the whole trainable tree and uploads
+    `bytes_per_client` bytes (its K scalars, and what else the server needs to regenerate the tangents)."""
+    return lambda params_like, cohort_size: Communication(down=tree_bytes(params_like) * cohort_size,
+                                                          up=bytes_per_client * cohort_size)
+
+
+def spry(task: Task, *, clients_per_round: int, server_optimizer: optax.GradientTransformation, batch_size: int,
+         client_optimizer: optax.GradientTransformation | None = None, local_epochs: int = 1,
          num_tangents: int = 1, tangent_chunk_size: int | None = None,
          distribution: fwdgrad.Distribution = "gaussian", tensors_per_chunk: int = 2,
          tensor_order: Sequence[int] | None = None, head_tensors: Sequence[int] = (), share_head: bool = False,
          communication: Literal["per_epoch", "per_iteration"] = "per_epoch", dilute_aggregation: bool = False,
-         finetune_epochs: int = 0, gradient: Literal["forward", "backprop"] = "forward",
-         eval_batch_size: int = 64, name: str = "spry") -> FederatedAlgorithm:
+         finetune_epochs: int = 0, finetune_scope: Literal["slot_chunk", "all"] = "slot_chunk",
+         gradient: Literal["forward", "backprop"] = "forward", eval_batch_size: int = 64,
+         name: str = "spry") -> FederatedAlgorithm:
     """Spry (see the module docstring). Hyperparameters map to the paper: K = num_tangents, AdamW client
     optimizer (lr 1e-4 in the paper), 1 local epoch, batch 8, FedYogi server (η 1e-2, β1 .9, β2 .99, τ 1e-3).
+
+    `client_optimizer` is required for per-epoch communication and for `finetune_epochs` > 0, and an error
+    otherwise; `local_epochs` is per-epoch only (`check_communication`). `finetune_scope` says which tensors the
+    evaluation's finetuning trains: "slot_chunk" (the released code's) or "all".
 
     `tensor_order` (the trainable leaves in layer order, as indices into `jax.tree.leaves`) and `head_tensors`
     (the task head's leaves) describe the trainable tree; `spryjax.build.tensor_layout` computes both.
@@ -83,8 +130,10 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
       >>> algorithm = spry(task, clients_per_round=10, client_optimizer=optax.adamw(1e-4),
       ...                  server_optimizer=flower_yogi(), batch_size=8)
     """
-    if communication not in ("per_epoch", "per_iteration"):
-        raise ValueError(f"communication must be per_epoch or per_iteration, got {communication!r}")
+    check_communication(communication, client_optimizer=client_optimizer, local_epochs=local_epochs,
+                        finetune_epochs=finetune_epochs)
+    if finetune_scope not in ("slot_chunk", "all"):
+        raise InputError(f"finetune_scope must be 'slot_chunk' or 'all', got {finetune_scope!r}")
     if communication == "per_iteration" and gradient != "forward":
         raise ValueError("per-iteration communication uploads jvp scalars: it needs gradient='forward'")
     estimator = functools.partial(fwdgrad.forward_grad, num_tangents=num_tangents, chunk_size=tangent_chunk_size,
@@ -102,12 +151,12 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
     gradient_fn = estimator if gradient == "forward" else backprop
 
     def client_update_with(train):
-        def client_update(frozen, params, data, count, slot, key):
+        def client_update(frozen, params, data, count, slot, key, **train_options):
             mask = slot_mask(params, slot)
             if communication == "per_epoch":   # the estimator draws tangents on the masked tensors only
                 local, metrics = train(task, params, frozen, data, count, key, optimizer=client_optimizer,
                                        batch_size=batch_size, epochs=local_epochs, gradient_fn=gradient_fn,
-                                       update_mask=mask)
+                                       update_mask=mask, **train_options)
                 update, examples = pseudo_gradient(params, local), count.astype(jnp.float32)
             else:
                 update, examples, metrics = per_iteration_update(frozen, params, data, count, key, mask)
@@ -127,10 +176,12 @@ def spry(task: Task, *, clients_per_round: int, client_optimizer: optax.Gradient
     def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
         groups = {"generalized": evaluate_examples(task, params, frozen, test, test_count, batch_size=eval_batch_size)}
         if finetune_epochs:
+            # the evaluated client's chunk: that of slot `client mod C`, as a client in that slot trains it
+            mask = slot_mask(params, client % clients_per_round) if finetune_scope == "slot_chunk" else None
             local, _ = local_training(task, params, frozen, train, train_count, key, optimizer=client_optimizer,
-                                      batch_size=batch_size, epochs=finetune_epochs, gradient_fn=estimator)
-            groups["personalized"] = evaluate_examples(task, local, frozen, test, test_count,
-                                                       batch_size=eval_batch_size)
+                                      batch_size=batch_size, epochs=finetune_epochs, gradient_fn=estimator,
+                                      update_mask=mask)
+            groups["finetuned"] = evaluate_examples(task, local, frozen, test, test_count, batch_size=eval_batch_size)
         return groups
 
     def bytes_per_round(params_like, cohort_size) -> Communication:
