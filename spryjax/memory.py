@@ -1,4 +1,5 @@
-"""Memory of a jitted step: XLA's compiled buffer assignment, and the device allocator's peak where it exists.
+"""Memory and compute of a jitted step: XLA's compiled buffer assignment and cost analysis, and the device
+allocator's peak where it exists.
 
 `compiled_memory(fn, *args)` compiles `fn` for the given arguments (arrays or `jax.ShapeDtypeStruct`s, so a
 7B-parameter step can be measured on a laptop without allocating it) and reads `memory_analysis()`:
@@ -8,6 +9,10 @@
 (On CPU the analysis' own peak field leaves temp out, hence the explicit sum.) temp is what the step allocates
 for itself: activations, gradients, optimizer scratch. It is deterministic and works on every backend, so it is
 what tests assert on. `device_peak_bytes()` reads `peak_bytes_in_use` from the allocator on GPU/TPU (None on CPU).
+
+`flops_of(compiled)` is XLA's floating-point operation count. XLA counts a loop body once (a `lax.scan` of 10 steps
+reports one step's FLOPs), so count a step whose loops have one iteration (e.g. tangents in a single vmapped chunk)
+and multiply by the iterations yourself.
 """
 from __future__ import annotations
 
@@ -54,6 +59,13 @@ def memory_of(compiled: Any) -> MemoryReport:
         raise RuntimeError(f"backend {jax.default_backend()!r} gives no memory analysis")
     return MemoryReport(argument=int(analysis.argument_size_in_bytes), output=int(analysis.output_size_in_bytes),
                         temp=int(analysis.temp_size_in_bytes), alias=int(analysis.alias_size_in_bytes))
+
+
+def flops_of(compiled: Any) -> float:
+    """XLA's FLOP count of an already compiled function (0.0 where the backend gives none); loops count once."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
 
 
 def device_peak_bytes(device: jax.Device | None = None) -> int | None:

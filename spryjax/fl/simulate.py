@@ -43,7 +43,7 @@ from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
 from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, MinibatchTrim, ServerState
 from spryjax.fl.host_loop import LoopOptions, MemberStates, run_rounds
-from spryjax.memory import MemoryReport, memory_of
+from spryjax.memory import MemoryReport, flops_of, memory_of
 from spryjax.pytrees import all_finite
 from spryjax.task import summarize
 
@@ -313,9 +313,7 @@ def client_step_cost(algorithm: FederatedAlgorithm, frozen, params, data: Federa
     # Clients receive the broadcast, whose structure may differ from the initial trainable (HypCluster's K models).
     broadcast = jax.eval_shape(lambda p: algorithm.broadcast(algorithm.init(p, jax.random.key(0))), params)
     compiled = jax.jit(fn).lower(frozen, broadcast, one, count).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return StepCost(float((cost or {}).get("flops", 0.0)), memory_of(compiled))
+    return StepCost(flops_of(compiled), memory_of(compiled))
 
 
 def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: FederatedData,
