@@ -33,6 +33,7 @@ def fl_section(**overrides) -> ml_collections.ConfigDict:
         "partition": "dirichlet", "num_clients": 100, "alpha": 1.0, "examples_per_client": unset(),
         "equal_size": True, "min_examples": 2, "max_examples_per_client": unset(), "test_fraction": 0.2,
         "clients_per_round": 10, "strategy": "auto", "client_chunk_size": unset(), "eval_every": 10,
-        "eval_clients": unset(), "checkpoint_every": 10})
+        "eval_clients": unset(), "interim_eval_clients": unset(), "full_eval_every": unset(),
+        "checkpoint_every": 10})
     fl.update(overrides)
     return fl
