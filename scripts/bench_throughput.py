@@ -99,8 +99,7 @@ def measure(model: str, cohort: int, strategy: str, data, task, params, rounds: 
         name, _, chunk = strategy.partition(":")
         mesh = mesh_lib.client_mesh(jax.local_devices()[:1])
         step = simulate.client_step_cost(algorithm, {}, params, data, BATCH)
-        plan = simulate.plan_round(name, cohort, 1, client_chunk_size=int(chunk) if chunk else None,
-                                   step_flops=step.flops)
+        plan = simulate.plan_round(name, cohort, 1, client_chunk_size=int(chunk) if chunk else None, step=step)
         width = plan.in_flight if plan.strategy == "loop" else plan.chunk_size
         row["strategy"] = strategy if name != "auto" else f"auto→{plan.strategy}" + (f":{width}" if width > 1 else "")
         round_mesh = None if plan.strategy == "loop" else mesh

@@ -68,6 +68,15 @@ def flops_of(compiled: Any) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+def device_free_bytes(device: jax.Device | None = None) -> int | None:
+    """bytes_limit − bytes_in_use of the device allocator (GPU/TPU), or None where it keeps no statistics (CPU)."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def device_peak_bytes(device: jax.Device | None = None) -> int | None:
     """`peak_bytes_in_use` of the device allocator (GPU/TPU), or None where the backend keeps no statistics (CPU)."""
     device = device or jax.local_devices()[0]

@@ -18,10 +18,12 @@ Execution strategies (`strategy=`):
                or, where the algorithm gives an `eager_client_update`, one jitted step per local minibatch
                (faster on CPU); `client_chunk_size` clients in flight on host threads; no per-client weight
                copies, no grouped convolutions.
-    "auto"     "loop" on CPU when one client's step is large (≥ `AUTO_LOOP_FLOPS`), with one client in flight per
+    "auto"     on CPU: "loop" when one client's step is large (≥ `AUTO_LOOP_FLOPS`), with one client in flight per
                core (at most 8; 2 clients on 2 cores ran the CNN at 1.3× one), else "chunked" with a chunk of
-               16 × devices clients (also on GPU/TPU, whatever their memory: set `client_chunk_size` to size
-               chunks to a device). See scripts/bench_throughput.py for the measurements behind this rule.
+               16 × devices clients (scripts/bench_throughput.py has the measurements behind this rule).
+               On GPU/TPU: "chunked", as many clients per chunk as fit in `AUTO_MEMORY_SHARE` of the device's
+               free memory (`chunk_from_memory`), the whole cohort at most; the run's log says what it picked
+               and why (RoundPlan.reason).
 
 The host loop around the rounds (metrics.jsonl records, evaluation every `eval_every` rounds, checkpoints,
 resuming, divergence) is `spryjax.fl.host_loop`, shared with vectorized sweeps.
@@ -43,8 +45,8 @@ from spryjax.errors import InputError
 from spryjax.fl import mesh as mesh_lib
 from spryjax.fl.algorithm import ClientOutput, FederatedAlgorithm, MinibatchTrim, ServerState
 from spryjax.fl.host_loop import LoopOptions, MemberStates, run_rounds
-from spryjax.memory import MemoryReport, flops_of, memory_of
-from spryjax.pytrees import all_finite
+from spryjax.memory import MemoryReport, device_free_bytes, flops_of, memory_of
+from spryjax.pytrees import all_finite, tree_bytes
 from spryjax.task import summarize
 
 PyTree = Any
@@ -52,6 +54,7 @@ STRATEGIES = ("auto", "vmap", "chunked", "loop")
 # Key streams besides the rounds' fold_in(root, r), r ≥ 1.
 INIT_STREAM, EVAL_STREAM = 2**31 - 1, 2**31 - 2
 AUTO_LOOP_FLOPS = 5e7  # per client step; above it the CPU loop beat vmapped chunks (scripts/bench_throughput.py)
+AUTO_MEMORY_SHARE = 0.7  # of a device's free memory that vmapped clients may use (XLA's own scratch, fragmentation)
 
 
 class RoundPlan(NamedTuple):
@@ -59,26 +62,54 @@ class RoundPlan(NamedTuple):
     chunk_size: int      # clients vmapped together (a multiple of the device count); 1 for the loop
     num_chunks: int      # sequential chunks per round; chunk_size × num_chunks ≥ cohort size (the rest is padding)
     in_flight: int = 1   # loop: clients trained at once on host threads
+    reason: str = ""     # why "auto" chose this plan (empty for an explicit strategy)
+
+
+def chunk_from_memory(step: "StepCost", free_bytes: int, num_devices: int, cohort_size: int) -> tuple[int, str]:
+    """(clients per vmapped chunk, why) on a device with `free_bytes` free per device.
+
+    One client's compiled step (`client_step_cost`) holds the shared inputs (the frozen base and the broadcast
+    parameters: argument bytes less the client's data) once, and per client its data, temporaries and outputs.
+    Vmapping C clients per device needs about shared + C × per_client, so
+        C = ⌊(AUTO_MEMORY_SHARE × free − shared) / per_client⌋,
+    at least 1 and at most the cohort (per device), times the device count."""
+    shared = max(step.memory.argument - step.data_bytes - step.memory.alias, 0)
+    per_client = max(step.memory.temp + step.memory.output + step.data_bytes, 1)
+    fits = int((AUTO_MEMORY_SHARE * free_bytes - shared) // per_client)
+    per_device = max(1, min(fits, -(-cohort_size // num_devices)))
+    why = (f"{per_device} clients per device fit in {AUTO_MEMORY_SHARE:.0%} of {free_bytes / 2**30:.1f} GiB free: "
+           f"{shared / 2**20:.0f} MiB shared + {per_client / 2**20:.1f} MiB per client")
+    return per_device * num_devices, why
 
 
 def plan_round(strategy: str, cohort_size: int, num_devices: int, *, client_chunk_size: int | None = None,
-               step_flops: float | None = None, backend: str | None = None) -> RoundPlan:
-    """How a cohort of `cohort_size` clients is executed (see the module docstring)."""
+               step: "StepCost | None" = None, backend: str | None = None, free_bytes: int | None = None
+               ) -> RoundPlan:
+    """How a cohort of `cohort_size` clients is executed (see the module docstring). `step` is one client's
+    compiled cost; `free_bytes` a device's free memory (default: what its allocator reports, None on CPU)."""
     if strategy not in STRATEGIES:
         raise InputError(f"strategy: unknown {strategy!r}; known: {', '.join(STRATEGIES)}")
     backend = backend or jax.default_backend()
+    reason = ""
     if strategy == "auto":
-        if backend == "cpu" and num_devices == 1 and step_flops is not None and step_flops >= AUTO_LOOP_FLOPS:
+        if backend != "cpu":
+            free_bytes = free_bytes if free_bytes is not None else device_free_bytes()
+        if backend == "cpu" and num_devices == 1 and step is not None and step.flops >= AUTO_LOOP_FLOPS:
             strategy = "loop"
             client_chunk_size = client_chunk_size or min(os.cpu_count() or 1, 8)  # clients in flight
+            reason = f"CPU, a large client step ({step.flops:.2g} FLOPs): one jitted step per minibatch"
+        elif backend != "cpu" and step is not None and free_bytes and not client_chunk_size:
+            strategy = "chunked"
+            client_chunk_size, reason = chunk_from_memory(step, free_bytes, num_devices, cohort_size)
         else:
             strategy = "chunked"
             client_chunk_size = client_chunk_size or 16 * num_devices
+            reason = f"chunks of {client_chunk_size} clients (16 per device)"
     if strategy == "loop":
-        return RoundPlan("loop", 1, cohort_size, in_flight=min(client_chunk_size or 1, cohort_size))
+        return RoundPlan("loop", 1, cohort_size, in_flight=min(client_chunk_size or 1, cohort_size), reason=reason)
     chunk = cohort_size if strategy == "vmap" else min(client_chunk_size or cohort_size, cohort_size)
     chunk = -(-chunk // num_devices) * num_devices
-    return RoundPlan(strategy, chunk, -(-cohort_size // chunk))
+    return RoundPlan(strategy, chunk, -(-cohort_size // chunk), reason=reason)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +330,7 @@ class RunResult(NamedTuple):
 class StepCost(NamedTuple):
     flops: float                 # XLA's count for one client update on one minibatch (0 if unavailable)
     memory: MemoryReport         # its compiled buffers: the per-client peak memory of the step
+    data_bytes: int = 0          # of those arguments, the client's own data (the rest is shared by every client)
 
 
 def client_step_cost(algorithm: FederatedAlgorithm, frozen, params, data: FederatedData, batch_size: int) -> StepCost:
@@ -313,7 +345,7 @@ def client_step_cost(algorithm: FederatedAlgorithm, frozen, params, data: Federa
     # Clients receive the broadcast, whose structure may differ from the initial trainable (HypCluster's K models).
     broadcast = jax.eval_shape(lambda p: algorithm.broadcast(algorithm.init(p, jax.random.key(0))), params)
     compiled = jax.jit(fn).lower(frozen, broadcast, one, count).compile()
-    return StepCost(flops_of(compiled), memory_of(compiled))
+    return StepCost(flops_of(compiled), memory_of(compiled), tree_bytes(one))
 
 
 def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree, train: FederatedData,
@@ -354,8 +386,9 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
     mesh = mesh if mesh is not None else mesh_lib.client_mesh()
     num_devices = mesh.devices.size
     step = client_step_cost(algorithm, frozen, params, train, batch_size)
-    plan = plan_round(strategy, clients_per_round, num_devices, client_chunk_size=client_chunk_size,
-                      step_flops=step.flops)
+    plan = plan_round(strategy, clients_per_round, num_devices, client_chunk_size=client_chunk_size, step=step)
+    if plan.reason and show_progress and mesh_lib.is_main_process():
+        print(f"{algorithm.name}: {plan.strategy}, {plan.reason}", flush=True)
     round_mesh = None if plan.strategy == "loop" else mesh
     compiled_round = build_round(algorithm, plan, round_mesh, unroll=unroll, sequence_keys=train.sequence_keys,
                                  sequence_multiple=sequence_multiple)
@@ -392,7 +425,7 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
         write=mesh_lib.is_main_process(),
         options=LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress, on_divergence="stop"),
         communication=algorithm.bytes_per_round(jax.eval_shape(lambda: params), clients_per_round),
-        summary=client_step_summary(step), members=MemberStates(
+        summary=client_step_summary(step, plan=plan._asdict()), members=MemberStates(
             split=lambda state: [state], join=lambda states: place(states[0], round_mesh, clients_axis=None),
             finite=lambda state: [bool(all_finite(state.params))]),
         desc=f"{algorithm.name} [{plan.strategy}{shape}]")

@@ -134,7 +134,7 @@ def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members
     num_devices = mesh.devices.size
     step = simulate.client_step_cost(algorithm, first.frozen, first.params, first.train, batch_size)
     plan = simulate.plan_round(strategy, clients_per_round, num_devices, client_chunk_size=client_chunk_size,
-                               step_flops=step.flops)
+                               step=step)
     if plan.strategy == "loop":
         plan = simulate.plan_round("chunked", clients_per_round, num_devices, client_chunk_size=1)
 
@@ -194,7 +194,7 @@ def run_vectorized(make_algorithm: Callable[[dict], FederatedAlgorithm], members
         options=host_loop.LoopOptions(num_rounds, eval_every, checkpoint_every, show_progress,
                                       on_divergence="drop_member"),
         communication=algorithm.bytes_per_round(jax.eval_shape(lambda: first.params), clients_per_round),
-        summary=simulate.client_step_summary(step, vectorized_members=size),
+        summary=simulate.client_step_summary(step, vectorized_members=size, plan=plan._asdict()),
         members=host_loop.MemberStates(split=lambda state: [_member(state, m) for m in range(size)],
                                        join=lambda states: mesh_lib.replicate(_stack(states), mesh),
                                        finite=lambda state: np.asarray(_members_finite(state.params)).tolist()),

@@ -101,11 +101,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(problem, tmp_path)
     assert Checkpointer(workdir).latest_round() == 1
 
 
+def test_chunks_sized_from_device_memory():
+    """On an accelerator, "auto" vmaps as many clients as fit in 70% of the free memory: shared inputs once
+    (arguments less the client's data), then each client's data, temporaries and outputs."""
+    from spryjax.memory import MemoryReport
+    mib = 2**20
+    step = simulate.StepCost(1e9, MemoryReport(argument=100 * mib, output=2 * mib, temp=30 * mib, alias=0),
+                             data_bytes=4 * mib)
+    per_client, shared = 36 * mib, 96 * mib
+    plan = simulate.plan_round("auto", 4096, 2, step=step, backend="gpu", free_bytes=10 * 2**30)
+    expected = int((0.7 * 10 * 2**30 - shared) // per_client) * 2
+    assert plan.strategy == "chunked" and plan.chunk_size == expected == 392
+    assert "196 clients per device" in plan.reason and "96 MiB shared + 36.0 MiB per client" in plan.reason
+    small = simulate.plan_round("auto", 10, 2, step=step, backend="gpu", free_bytes=10 * 2**30)
+    assert small.chunk_size == 10 and small.num_chunks == 1                   # the whole cohort fits
+    tight = simulate.plan_round("auto", 100, 1, step=step, backend="gpu", free_bytes=120 * mib)
+    assert tight.chunk_size == 1                                               # at least one client
+    assert simulate.plan_round("auto", 100, 1, step=step, backend="gpu", free_bytes=None,
+                               client_chunk_size=8).chunk_size == 8           # unknown memory: as configured
+
+
 def test_plan_round():
     assert simulate.plan_round("vmap", 10, 8) == simulate.RoundPlan("vmap", 16, 1)
     assert simulate.plan_round("chunked", 4096, 8, client_chunk_size=100) == simulate.RoundPlan("chunked", 104, 40)
-    assert simulate.plan_round("auto", 1000, 1, step_flops=1e9, backend="cpu").strategy == "loop"
-    assert simulate.plan_round("auto", 1000, 1, step_flops=1e5, backend="cpu").strategy == "chunked"
+    assert simulate.plan_round("auto", 1000, 1, step=simulate.StepCost(1e9, None), backend="cpu").strategy == "loop"
+    assert simulate.plan_round("auto", 1000, 1, step=simulate.StepCost(1e5, None), backend="cpu").strategy == "chunked"
     with pytest.raises(InputError, match="strategy"):
         simulate.plan_round("threads", 10, 1)
 

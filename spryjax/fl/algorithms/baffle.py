@@ -13,12 +13,15 @@ examples and applies its optimizer. No client optimizer, no local epochs: settin
 released code) with ĝ at every minibatch, then the client uploads Δ = θ − θ_local (the whole trainable tree); the
 server averages by examples and applies its optimizer (FedYogi in the released code).
 
-Released-code defects, not copied: BAFFLE+'s difference quotient is written `difference / 2 * sigma`, which by
-operator precedence multiplies by σ/2 instead of dividing by 2σ: every d_k is scaled by σ²/4 against the textbook
-formula above, and the accumulation then weighs every perturbation after the first by about σ²/2 against the first,
-so the released estimate is effectively one perturbation's: K = 1 here reproduces what it effectively ran (up to
-the overall scale, which the adaptive server optimizer largely absorbs). Plain BAFFLE's code also perturbs every
-state_dict tensor, frozen base included; here only the trainable tree is perturbed.
+Released-code defects, not copied (trainers/client_baffle_plus.py, central differences, perturbation δ_k = σ v_k,
+Δ_k = L(θ + δ_k) − L(θ − δ_k), PyTorch 2.2, whose `zero_grad` leaves no gradient before each minibatch): the first
+perturbation's term is (Δ_1/σ)(δ_1/σ) = 2 d_1 v_1 (divided by σ, not 2σ); every later one is added as
+`(difference / 2 * sigma) * (delta / sigma)`, which by operator precedence is (Δ_k σ/2) v_k = σ² d_k v_k; the sum is
+divided by K. The released estimate is therefore (2/K) d_1 v_1 + (σ²/K) Σ_{k≥2} d_k v_k: later perturbations weigh
+σ²/2 of the first (5e-9 at σ = 1e-4), so it is one perturbation's estimate scaled by 2/K, and K = 1 here reproduces
+what the released code effectively ran (up to that scale, which its AdamW client optimizer normalizes away). Plain
+BAFFLE's released code also perturbs every state_dict tensor, frozen base included; here only the trainable tree
+is.
 """
 from __future__ import annotations
 

@@ -197,3 +197,39 @@ def spry(task: Task, *, clients_per_round: int, server_optimizer: optax.Gradient
         client_update=client_update_with(local_training), server_update=apply_server_optimizer(server_optimizer),
         evaluate_client=evaluate_client, bytes_per_round=bytes_per_round,
         eager_client_update=client_update_with(dispatched_local_training) if communication == "per_epoch" else None)
+
+
+def chunk_gradient_shares(task: Task, params: PyTree, frozen: PyTree, batches: Sequence[dict],
+                          assignment: np.ndarray) -> np.ndarray:
+    """Where the gradient lives: each chunk's share of ‖∇L‖², for the exact (backprop) gradient of the mean loss
+    over the real examples of `batches`,
+
+        g = ∇_θ Σ_b Σ_i m_bi ℓ_bi / Σ_b Σ_i m_bi,        share_j = Σ_{t: M[j, t]} ‖g_t‖² / ‖g‖²,
+
+    with the chunks the rows of `assignment` M [J, T] over the T tensors in `jax.tree.leaves` order
+    (`assign_tensors`: with J = the number of chunks, one row per chunk; with J = the cohort size, one per slot).
+    Each tensor must be in exactly one row, so the shares sum to 1. Deterministic (no dropout); the gradient is
+    accumulated batch by batch in float32, the norms taken in float64.
+
+    Example (3 tensors, chunks {0, 1} and {2}; experiments/spry_gradient_share.py runs it on the offline task):
+      >>> shares = chunk_gradient_shares(task, params, frozen, [batch], np.array([[1, 1, 0], [0, 0, 1]], bool))
+      >>> shares.shape, shares.sum()        # ((2,), 1.0)
+    """
+    assignment = np.asarray(assignment, bool)
+    num_tensors = len(jax.tree.leaves(params))
+    if assignment.ndim != 2 or assignment.shape[1] != num_tensors or not (assignment.sum(axis=0) == 1).all():
+        raise ValueError(f"assignment must be a [chunks, {num_tensors}] boolean matrix with each tensor in exactly "
+                         f"one chunk, got shape {assignment.shape}")
+    total, examples = None, 0.0
+    for batch in batches:
+        grad = _summed_loss_grad(task.loss, params, frozen, batch)
+        total = grad if total is None else jax.tree.map(jnp.add, total, grad)
+        examples += float(np.sum(batch["mask"]))
+    squares = np.array([np.sum(np.square(np.asarray(g, np.float64) / examples)) for g in jax.tree.leaves(total)])
+    return assignment @ squares / squares.sum()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _summed_loss_grad(loss_fn, params, frozen, batch):
+    """∇_θ Σ_i m_i ℓ_i on one batch (the batch's mean loss times its real examples)."""
+    return jax.grad(lambda p: loss_fn(p, frozen, batch, None) * jnp.sum(batch["mask"]))(params)
