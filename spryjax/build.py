@@ -35,7 +35,7 @@ import jax
 import optax
 
 from spryjax import lm_tasks
-from spryjax.data import multimodal, nextword, text, vision
+from spryjax.data import arrays, multimodal, nextword, text, vision
 from spryjax.data.dataset import Dataset
 from spryjax.errors import InputError
 from spryjax.fl.algorithm import FederatedAlgorithm
@@ -296,6 +296,7 @@ def _load_tokenizer(name: str, where: str) -> Any:
 DATASETS: dict[str, Entry] = {
     "digits": Entry(vision.digits),
     "text": Entry(text.classification_dataset, objects={"tokenizer": _load_tokenizer}),
+    "arrays": Entry(arrays.load_arrays),   # a built dataset saved by spryjax.data.arrays.save (device bundles)
     "mnist_personalized": Entry(vision.mnist_personalized),
     "digits_personalized": Entry(vision.digits_personalized),
     "rt_nextword": Entry(nextword.rt_nextword),

@@ -35,8 +35,9 @@ def summary_row(name: str, records: list[dict]) -> dict:
     last = evaluated[-1] if evaluated else {}
     row = {"method": name, "rounds": rounds[-1]["round"] if rounds else 0,
            "generalized_accuracy": last.get("generalized_accuracy", float("nan"))}
-    if "personalized_accuracy" in last:
-        row["personalized_accuracy"] = last["personalized_accuracy"]
+    for group in ("personalized", "finetuned"):   # personalization baselines; Spry's released-code accuracy
+        if f"{group}_accuracy" in last:
+            row[f"{group}_accuracy"] = last[f"{group}_accuracy"]
     row.update({"client_step_memory_MiB": step.get("total_bytes", 0) / MIB,
                 "client_step_temp_MiB": step.get("temp_bytes", 0) / MIB,
                 "up_KiB_per_round": rounds[-1]["comm_up_bytes"] / 1024 if rounds else 0.0,

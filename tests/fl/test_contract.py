@@ -1,6 +1,8 @@
 """Contract tests: every algorithm of `spryjax.build.ALGORITHMS` through the same checks (DESIGN.md, item 10), as
 optax runs every optimizer through the same checks. The table itself is iterated, so a new entry is covered
-automatically, and an entry without a problem set up in `SETUPS` fails.
+automatically, and an entry without a problem set up in `SETUPS` fails. `SETUPS` also holds variants,
+"name:variant", for a factory's other shapes (per-epoch or per-iteration communication, Spry's finetuned
+evaluation), which run the same checks.
 
 Per algorithm, on a digits MLP (or, for `build.ROUTED_ALGORITHMS`, a tiny routed MLP on the digits):
     finite           one vmapped round gives finite parameters, train metrics and evaluation sums
@@ -162,21 +164,39 @@ def theta_g(states):
     return states[0]
 
 
+def scalars_up(num_bytes: int):
+    """The model down, `num_bytes` per client up (the seed trick)."""
+    return lambda tree, c: (full_model(tree, c)[0], num_bytes * c)
+
+
 SETUPS: dict[str, Setup] = {
     "fedavg": Setup(False, backprop_options, full_model),
     "fedprox": Setup(False, lambda p: dict(backprop_options(p), proximal_mu=0.1), full_model),
     "fedsgd": Setup(False, lambda p: dict(server_optimizer=SERVER, batch_size=BATCH), full_model),
     "spry": Setup(False, lambda p: spry_options(p, num_tangents=K), layered_spry_bytes),
+    # per iteration: K fp32 jvp scalars up, no client optimizer
+    "spry:per_iteration": Setup(False, lambda p: dict(spry_options(p, num_tangents=K, communication="per_iteration"),
+                                                      client_optimizer=None), scalars_up(4 * K)),
+    # evaluation after finetuning each evaluated client's chunk
+    "spry:finetuned": Setup(False, lambda p: spry_options(p, num_tangents=K, finetune_epochs=1), layered_spry_bytes),
     "fedavg_split": Setup(False, spry_options, layered_spry_bytes),
     "fedfgd": Setup(False, lambda p: dict(backprop_options(p), client_optimizer=ADAM, num_tangents=K), full_model),
     "fedmezo": Setup(False, lambda p: dict(backprop_options(p), eps=1e-2, num_tangents=K), full_model),
-    # BAFFLE: the model down, K fp32 scalars up
+    # FedMeZO per iteration: the model down, K fp32 scalars up
+    "fedmezo:per_iteration": Setup(False, lambda p: dict(server_optimizer=SERVER, batch_size=BATCH, eps=1e-2,
+                                                         num_tangents=K, communication="per_iteration"),
+                                   scalars_up(4 * K)),
+    # BAFFLE: the model down, K fp32 scalars up; BAFFLE+ (per epoch): the whole model both ways
     "baffle": Setup(False, lambda p: dict(server_optimizer=SERVER, batch_size=BATCH, sigma=1e-2, num_tangents=K),
-                    lambda tree, c: (full_model(tree, c)[0], 4 * K * c)),
-    # FwdLLM: the model down, K_max scalars and K_max indices (4 bytes each) up
+                    scalars_up(4 * K)),
+    "baffle:per_epoch": Setup(False, lambda p: dict(backprop_options(p), sigma=1e-2, num_tangents=K,
+                                                    communication="per_epoch"), full_model),
+    # FwdLLM: the model down, K_max scalars and K_max indices (4 bytes each) up; FwdLLM+ (per epoch): the whole
+    # model both ways
     "fwdllm": Setup(False, lambda p: dict(server_optimizer=SERVER, batch_size=BATCH, num_tangents=K,
-                                          initial_tangents=1, candidates=2),
-                    lambda tree, c: (full_model(tree, c)[0], 8 * K * c)),
+                                          initial_tangents=1, candidates=2), scalars_up(8 * K)),
+    "fwdllm:per_epoch": Setup(False, lambda p: dict(backprop_options(p), num_tangents=K, initial_tangents=1,
+                                                    candidates=2, communication="per_epoch"), full_model),
     # Flow communicates all three groups (θ_g, θ_l, φ)
     "flow": Setup(True, lambda p: dict(backprop_options(p), client_optimizer=optax.sgd(0.1, momentum=0.9)),
                   full_model),
@@ -207,6 +227,14 @@ def to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def algorithm_of(case: str) -> str:
+    """The `build.ALGORITHMS` name of a SETUPS key ("fwdllm:per_epoch" -> "fwdllm")."""
+    return case.split(":")[0]
+
+
+CASES = sorted(set(NAMES) | set(SETUPS))   # a table entry missing from SETUPS fails in Case
+
+
 class Case:
     """One algorithm on its problem; each round is run once and shared by the checks."""
 
@@ -214,10 +242,10 @@ class Case:
         if name not in SETUPS:
             pytest.fail(f"ALGORITHMS[{name!r}] has no contract problem: add it to SETUPS in {__file__}")
         self.name, self.setup = name, SETUPS[name]
-        if self.setup.routed != (name in build.ROUTED_ALGORITHMS):
+        if self.setup.routed != (algorithm_of(name) in build.ROUTED_ALGORITHMS):
             pytest.fail(f"SETUPS[{name!r}].routed disagrees with build.ROUTED_ALGORITHMS")
         self.problem = routed_problem() if self.setup.routed else mlp_problem()
-        self.algorithm = build.ALGORITHMS[name](self.problem.model, **self.setup.options(self.problem))
+        self.algorithm = build.ALGORITHMS[algorithm_of(name)](self.problem.model, **self.setup.options(self.problem))
         self.plan = simulate.RoundPlan("vmap", COHORT, 1)
         self.vmap_round = simulate.build_round(self.algorithm, self.plan, None)
         self.keys = [jax.random.fold_in(jax.random.key(0), r) for r in (1, 2)]
@@ -282,10 +310,11 @@ def assert_finite(tree, what: str):
 
 
 def test_every_table_entry_has_a_problem():
-    assert sorted(SETUPS) == NAMES, "SETUPS and build.ALGORITHMS must name the same algorithms"
+    assert set(NAMES) <= set(SETUPS), "every algorithm of build.ALGORITHMS needs a problem in SETUPS"
+    assert {algorithm_of(case) for case in SETUPS} == set(NAMES), "a SETUPS variant of an unknown algorithm"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_round_outputs_are_finite(cases, name):
     case = cases(name)
     _, (state, metrics), second, _ = case.two_rounds
@@ -298,7 +327,7 @@ def test_round_outputs_are_finite(cases, name):
     assert float(case.evaluation["generalized"]["count"]) > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_round_keeps_tree_structure_shapes_and_dtypes(cases, name):
     initial, (after, _), _, _ = cases(name).two_rounds
     assert jax.tree.structure(after) == jax.tree.structure(initial)
@@ -306,7 +335,7 @@ def test_round_keeps_tree_structure_shapes_and_dtypes(cases, name):
     assert describe(after) == describe(initial)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_round_is_deterministic_for_a_key(cases, name):
     case = cases(name)
     first = case.two_rounds[1]
@@ -324,7 +353,7 @@ SAME_LOOP_ELSEWHERE = {"flow", "fedavg_ft", "ditto", "lg_fedavg", "knn_per"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SAME_LOOP_ELSEWHERE else n
-                                  for n in NAMES])
+                                  for n in CASES])
 def test_vmapped_round_equals_the_loop(cases, name):
     case = cases(name)
     vmapped, looped = case.two_rounds[1], case.looped_first_round
@@ -335,19 +364,19 @@ def test_vmapped_round_equals_the_loop(cases, name):
         np.testing.assert_allclose(vmapped[1][k], looped[1][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_vmapped_round_compiles_once(cases, name):
     assert cases(name).two_rounds[3] == 1
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_bytes_per_round_match_the_tree(name):
     setup = SETUPS.get(name) or pytest.fail(f"no contract problem for {name!r}")
     problem = routed_problem() if setup.routed else mlp_problem()
-    algorithm = build.ALGORITHMS[name](problem.model, **setup.options(problem))
+    algorithm = build.ALGORITHMS[algorithm_of(name)](problem.model, **setup.options(problem))
     params_like = jax.eval_shape(lambda: problem.params)
     for cohort in (COHORT, 5):
-        if name in ("spry", "fedavg_split") and cohort != COHORT:
+        if algorithm_of(name) in ("spry", "fedavg_split") and cohort != COHORT:
             continue          # Spry's split is built for its clients_per_round
         got = algorithm.bytes_per_round(params_like, cohort)
         assert (got.down, got.up) == setup.expected_bytes(params_like, cohort), cohort
@@ -362,7 +391,8 @@ def test_spry_bytes_follow_the_paper_split(cohort, per_chunk, share_head, commun
     data = vision.digits(seed=0)
     task, params, _ = small.mlp_model(data, jax.random.key(0), hidden=(8, 8))
     head = [4, 5]                                # list layer 2's b and w
-    algorithm = build.ALGORITHMS["spry"](task, clients_per_round=cohort, client_optimizer=ADAM,
+    client_optimizer = ADAM if communication == "per_epoch" else None    # per iteration takes none
+    algorithm = build.ALGORITHMS["spry"](task, clients_per_round=cohort, client_optimizer=client_optimizer,
                                          server_optimizer=SERVER, batch_size=BATCH, num_tangents=3,
                                          tensors_per_chunk=per_chunk, head_tensors=head, share_head=share_head,
                                          communication=communication)

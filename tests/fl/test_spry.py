@@ -1,4 +1,5 @@
-"""Spry's split, per-tensor aggregation and communication modes, and the zero-order baselines' estimators."""
+"""Spry's split, per-tensor aggregation and communication modes, its finetuned evaluation, the gradient-share
+diagnostic, and the zero-order baselines' estimators."""
 import functools
 
 import jax
@@ -11,8 +12,10 @@ from spryjax import fwdgrad
 from spryjax.data import partition, vision
 from spryjax.data.federated import FederatedData
 from spryjax.fl import simulate
-from spryjax.fl.algorithms.spry import assign_tensors, spry
+from spryjax.fl.algorithm import local_steps
+from spryjax.fl.algorithms.spry import assign_tensors, chunk_gradient_shares, spry
 from spryjax.models import small
+from spryjax.task import regression_task
 
 
 @pytest.mark.parametrize("num_slots", [2, 3, 8])  # chunks (3) > slots, = slots, < slots
@@ -80,7 +83,7 @@ def test_per_iteration_equals_per_epoch_with_one_sgd_step(problem):
     task, params, frozen, train = problem
     common = dict(clients_per_round=3, server_optimizer=optax.sgd(1.0), batch_size=50, num_tangents=4)
     per_epoch = spry(task, client_optimizer=optax.sgd(1.0), communication="per_epoch", **common)
-    per_iteration = spry(task, client_optimizer=optax.sgd(1.0), communication="per_iteration", **common)
+    per_iteration = spry(task, communication="per_iteration", **common)
     # batch 50 ≥ any client: one step over the same (whole-client) batch in both modes
     a, b = one_round(problem, per_epoch, 3), one_round(problem, per_iteration, 3)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -103,7 +106,7 @@ def test_zero_order_estimators_are_unbiased_on_a_quadratic(estimator):
     grad = jax.grad(loss)(params)["x"]
     estimate = {
         "mezo_spsa": functools.partial(fwdgrad.spsa_grad, eps=1e-3),
-        "baffle_central": functools.partial(fwdgrad.central_diff_grad, sigma=1e-2, num_tangents=10),
+        "baffle_central": functools.partial(fwdgrad.spsa_grad, eps=1e-2, num_tangents=10),
         "fwdllm_forward": lambda f, p, k: (None, fwdgrad.grad_from_scalars(p, k, fwdgrad.finite_difference_scalars(
             f, p, k, num_tangents=4, eps=1e-2, scheme="forward")[1])),
     }[estimator]
@@ -112,3 +115,105 @@ def test_zero_order_estimators_are_unbiased_on_a_quadratic(estimator):
     cosine = float(mean @ grad / (jnp.linalg.norm(mean) * jnp.linalg.norm(grad)))
     assert cosine > 0.98, cosine
     np.testing.assert_allclose(jnp.linalg.norm(mean), jnp.linalg.norm(grad), rtol=0.1)
+
+
+# ------------------------------------------------------------------------------ finetuned evaluation
+
+
+def revealing(task):
+    """`task` whose evaluate also returns Σ_i m_i θ: with one held-out example, the evaluated parameters exactly."""
+    def evaluate(params, frozen, batch):
+        return {**task.evaluate(params, frozen, batch),
+                "params": jax.tree.map(lambda x: jnp.sum(batch["mask"]) * x, params)}
+    return task._replace(evaluate=evaluate)
+
+
+def hand_finetune(task, params, frozen, data, count, key, *, optimizer, mask, epochs, batch_size, num_tangents):
+    """`finetune_epochs` of forward-gradient training written out: at each real minibatch of `local_steps`,
+    ĝ = fwdgrad.forward_grad(loss, θ, estimator key, ...) with tangents on `mask` only, an optimizer step whose
+    update is zeroed outside `mask`."""
+    @jax.jit
+    def step(params, opt_state, batch, step_key):
+        estimator_key, dropout_key = jax.random.split(step_key)
+        _, grad = fwdgrad.forward_grad(task.loss, params, estimator_key, frozen, batch, dropout_key,
+                                       num_tangents=num_tangents, mask=mask)
+        updates, opt_state = optimizer.update(grad, opt_state, params)
+        if mask is not None:
+            updates = jax.tree.map(lambda u, keep: u * keep, updates, mask)
+        return optax.apply_updates(params, updates), opt_state
+
+    index, batch_mask, keys = local_steps(key, count, next(iter(data.values())).shape[0], batch_size, epochs)
+    opt_state = optimizer.init(params)
+    for s in range(index.shape[0]):
+        if np.asarray(batch_mask[s]).any():
+            batch = {k: jnp.asarray(np.asarray(v)[np.asarray(index[s])]) for k, v in data.items()}
+            params, opt_state = step(params, opt_state, {**batch, "mask": jnp.asarray(batch_mask[s], jnp.float32)},
+                                     keys[s])
+    return params
+
+
+@pytest.mark.parametrize("scope", ["slot_chunk", "all"])
+def test_finetuned_evaluation_trains_the_evaluated_clients_chunk(problem, scope):
+    """Client 4 of a 3-slot cohort takes slot 1's chunk (tensors 2, 3 of 6; an index past the last slot would
+    clamp to slot 2): finetuning changes those and leaves the others bitwise unchanged (weight decay included),
+    equal to the hand loop; "all" trains every tensor. "generalized" stays the global model. Only the final
+    evaluation finetunes."""
+    task, params, frozen, train = problem
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    algorithm = spry(revealing(task), clients_per_round=3, client_optimizer=optimizer,
+                     server_optimizer=optax.sgd(1.0), batch_size=8, num_tangents=2, finetune_epochs=2,
+                     finetune_scope=scope)
+    arrays, counts = train.gather([0], batch_size=8)
+    data = {k: jnp.asarray(v[0]) for k, v in arrays.items()}
+    key, client = jax.random.key(4), jnp.int32(4)
+    groups = jax.jit(algorithm.evaluate_client_final)(frozen, params, data, jnp.int32(counts[0]), data,
+                                                      jnp.int32(1), client, key)
+    interim = jax.jit(algorithm.evaluate_client)(frozen, params, data, jnp.int32(counts[0]), data, jnp.int32(1),
+                                                 client, key)
+    assert set(interim) == {"generalized"}   # finetuning runs at the last evaluation only, unless asked
+
+    row = assign_tensors(6, 3)[4 % 3]
+    assert list(np.flatnonzero(row)) == [2, 3]
+    mask = jax.tree.unflatten(jax.tree.structure(params), list(row)) if scope == "slot_chunk" else None
+    expected = hand_finetune(task, params, frozen, data, jnp.int32(counts[0]), key, optimizer=optimizer, mask=mask,
+                             epochs=2, batch_size=8, num_tangents=2)
+    finetuned = jax.tree.leaves(groups["finetuned"]["params"])
+    for t, (got, want, start) in enumerate(zip(finetuned, jax.tree.leaves(expected), jax.tree.leaves(params))):
+        if scope == "slot_chunk" and not row[t]:
+            assert np.array_equal(got, start), f"tensor {t} is outside the client's chunk"
+        else:
+            assert not np.array_equal(got, start), f"tensor {t} was not finetuned"
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, start in zip(jax.tree.leaves(groups["generalized"]["params"]), jax.tree.leaves(params)):
+        assert np.array_equal(got, start)
+
+
+# ------------------------------------------------------------------------------ where the gradient lives
+
+
+def test_chunk_gradient_shares_are_the_chunks_share_of_the_squared_gradient_norm():
+    """y ≈ x[:3]·w + x[3:]·a + b on two batches (4 and 2 real examples): the mean-loss gradient written out,
+    g = (2/N) Σ_i e_i (x_i[3:], 1, x_i[:3]) in leaf order (a, b, w), shares Σ_{t ∈ chunk} ‖g_t‖² / ‖g‖²."""
+    rng = np.random.default_rng(0)
+    task = regression_task(lambda p, f, batch, key=None: batch["x"][:, :3] @ p["w"] + batch["x"][:, 3:] @ p["a"]
+                           + p["b"])
+    params = {"a": jnp.asarray(rng.normal(size=2), jnp.float32), "b": jnp.float32(0.3),
+              "w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    batches = []
+    for real in (4, 2):
+        batches.append({"x": rng.normal(size=(4, 5)).astype(np.float32), "label": rng.normal(size=4).astype(np.float32),
+                        "mask": (np.arange(4) < real).astype(np.float32)})
+    x = np.concatenate([b["x"][b["mask"] > 0] for b in batches]).astype(np.float64)
+    y = np.concatenate([b["label"][b["mask"] > 0] for b in batches]).astype(np.float64)
+    error = x[:, :3] @ np.asarray(params["w"], np.float64) + x[:, 3:] @ np.asarray(params["a"], np.float64) + 0.3 - y
+    grads = [2 * x[:, 3:].T @ error / 6, 2 * error.sum() / 6, 2 * x[:, :3].T @ error / 6]   # a, b, w
+    squares = np.array([np.sum(np.square(g)) for g in grads])
+
+    chunks = np.array([[True, True, False], [False, False, True]])
+    shares = chunk_gradient_shares(task, params, {}, batches, chunks)
+    np.testing.assert_allclose(shares, [squares[:2].sum() / squares.sum(), squares[2] / squares.sum()], rtol=1e-5)
+    np.testing.assert_allclose(chunk_gradient_shares(task, params, {}, batches, np.eye(3, dtype=bool)),
+                               squares / squares.sum(), rtol=1e-5)
+    assert shares.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="exactly one chunk"):
+        chunk_gradient_shares(task, params, {}, batches, np.array([[True, True, False], [False, True, True]]))

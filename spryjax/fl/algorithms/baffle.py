@@ -3,7 +3,7 @@
 
     ĝ = (1/K) Σ_k d_k v_k,    d_k = (L(θ + σ v_k) − L(θ − σ v_k)) / (2σ),    K = 10, σ = 1e-4 (BAFFLE's defaults)
 
-(`fwdgrad.central_diff_grad`, v_k regenerated from the step's seed).
+(`fwdgrad.spsa_grad` with ε = σ, v_k regenerated from the step's seed).
 
 "per_iteration" (default; BAFFLE's own, FedSGD-shaped): one minibatch per round (fedsgd.py); the client uploads
 the K scalars d_k only (4·K bytes); the server regenerates v_k from the seed, forms ĝ, averages by the minibatch's
@@ -52,7 +52,7 @@ def baffle(task: Task, *, sigma: float = 1e-4, num_tangents: int = 10,
       ...        batch_size=8)
     """
     check_communication(communication, client_optimizer=client_optimizer, local_epochs=local_epochs)
-    estimator = functools.partial(fwdgrad.central_diff_grad, sigma=sigma, num_tangents=num_tangents)
+    estimator = functools.partial(fwdgrad.spsa_grad, eps=sigma, num_tangents=num_tangents)
     if communication == "per_epoch":
         return fedavg(task, client_optimizer=client_optimizer, local_epochs=local_epochs, gradient_fn=estimator,
                       name="baffle", **fedsgd_options)

@@ -10,7 +10,7 @@ from spryjax.task import Task
 
 
 @forwards_options_to(spry, sets=("gradient", "name", "num_tangents", "tangent_chunk_size", "distribution",
-                                 "communication", "finetune_epochs"))
+                                 "communication", "finetune_epochs", "finetune_scope", "finetune_every_evaluation"))
 def fedavg_split(task: Task, **spry_options) -> FederatedAlgorithm:
     """Spry's options but those of the forward-gradient estimator (backprop has no tangents), per-iteration
     communication (jvp scalars) and forward-gradient finetuning."""

@@ -27,7 +27,9 @@ Evaluation: "generalized" is the global model on each client's held-out split. W
 chunk of slot `client mod clients_per_round` (the assignment M above), draws its tangents and applies the client
 optimizer's updates there only, as in training, on its training split, then is scored on its held-out split
 (`finetune_scope="all"` finetunes every trainable tensor instead). The released code finetunes 5 epochs with AdamW on
-10 sampled clients; the engine evaluates the clients it is given.
+10 sampled clients; the engine evaluates the clients it is given. Finetuning every evaluated client costs about as
+much as 5 rounds of training per 10 clients, so it runs at the last evaluation only (`evaluate_client_final`)
+unless `finetune_every_evaluation`.
 
 Options a communication shape does not use are errors, not ignored (`check_communication`): per-iteration rounds
 take no `client_optimizer` (unless `finetune_epochs` needs one) and no `local_epochs` other than 1.
@@ -114,6 +116,7 @@ def spry(task: Task, *, clients_per_round: int, server_optimizer: optax.Gradient
          tensor_order: Sequence[int] | None = None, head_tensors: Sequence[int] = (), share_head: bool = False,
          communication: Literal["per_epoch", "per_iteration"] = "per_epoch", dilute_aggregation: bool = False,
          finetune_epochs: int = 0, finetune_scope: Literal["slot_chunk", "all"] = "slot_chunk",
+         finetune_every_evaluation: bool = False,
          gradient: Literal["forward", "backprop"] = "forward", eval_batch_size: int = 64,
          name: str = "spry") -> FederatedAlgorithm:
     """Spry (see the module docstring). Hyperparameters map to the paper: K = num_tangents, AdamW client
@@ -173,9 +176,9 @@ def spry(task: Task, *, clients_per_round: int, server_optimizer: optax.Gradient
         update = fwdgrad.grad_from_scalars(params, tangent_key, scalars, **options)
         return update, jnp.sum(batch["mask"]), {"loss": loss, "steps": jnp.float32(1)}
 
-    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key):
+    def evaluate_client(frozen, params, train, train_count, test, test_count, client, key, *, finetune=False):
         groups = {"generalized": evaluate_examples(task, params, frozen, test, test_count, batch_size=eval_batch_size)}
-        if finetune_epochs:
+        if finetune:
             # the evaluated client's chunk: that of slot `client mod C`, as a client in that slot trains it
             mask = slot_mask(params, client % clients_per_round) if finetune_scope == "slot_chunk" else None
             local, _ = local_training(task, params, frozen, train, train_count, key, optimizer=client_optimizer,
@@ -195,7 +198,9 @@ def spry(task: Task, *, clients_per_round: int, server_optimizer: optax.Gradient
     return FederatedAlgorithm(
         name=name, init=init_with_optimizer(server_optimizer), broadcast=lambda state: state.params,
         client_update=client_update_with(local_training), server_update=apply_server_optimizer(server_optimizer),
-        evaluate_client=evaluate_client, bytes_per_round=bytes_per_round,
+        evaluate_client=functools.partial(evaluate_client, finetune=finetune_epochs > 0 and finetune_every_evaluation),
+        evaluate_client_final=functools.partial(evaluate_client, finetune=finetune_epochs > 0),
+        bytes_per_round=bytes_per_round,
         eager_client_update=client_update_with(dispatched_local_training) if communication == "per_epoch" else None)
 
 
