@@ -21,5 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
         "client_optimizer": {"name": "adam", "learning_rate": 3e-3},
         "server_optimizer": {"name": "fedavg", "learning_rate": 1.0},
     })
-    config.fl = fl_section(partition="natural", num_clients=0, equal_size=False)
+    config.fl = fl_section(partition="natural", equal_size=False)
     return config
