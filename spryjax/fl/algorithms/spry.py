@@ -18,8 +18,11 @@ client's seed and slot mask (`fwdgrad.grad_from_scalars`) to get the same ĝ: a 
 Server: each tensor t is averaged over the clients that trained it, weighted by examples,
     u_t = Σ_s n_s M[s, t] Δ_{s,t} / Σ_s n_s M[s, t],
 then the server optimizer (FedYogi by default; `flower_yogi` is the variant the released code used) applies u.
-`dilute_aggregation=True` reproduces the released code, which averages every tensor over all C clients
-(u_t = Σ_s n_s M[s,t] Δ_{s,t} / Σ_s n_s), shrinking each update by the share of clients that trained it.
+This per-assignee average is what the released code intends: its clients freeze their unassigned tensors and
+return only the assigned ones, and its server hands the assignment to an aggregation that is not in the release
+(the commented-out version writes each client's arrays into its own tensors). `dilute_aggregation=True` is a
+variant that averages every tensor over all C clients (u_t = Σ_s n_s M[s,t] Δ_{s,t} / Σ_s n_s), shrinking each
+update by the share of clients that trained it.
 
 Evaluation: "generalized" is the global model on each client's held-out split. With `finetune_epochs` > 0,
 "finetuned" is the released code's reported accuracy (its "Test Generalized Accuracy"), measured after
