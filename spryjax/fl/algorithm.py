@@ -287,7 +287,9 @@ def dispatched_local_training(task: Task, params: PyTree, frozen: PyTree, data: 
         if trim is not None:
             full = data[trim.keys[0]].shape[1]
             length = trimmed_length(trim.lengths[rows[s]] * real_rows[s], full, trim.multiple)
-            step_data = cut.setdefault(length, {k: v[:, :length] if k in trim.keys else v for k, v in data.items()})
+            if length not in cut:
+                cut[length] = {k: v[:, :length] if k in trim.keys else v for k, v in data.items()}
+            step_data = cut[length]
         carry, loss = _dispatched_step(carry, step_data, plan, s, frozen, update_mask, loss_fn=loss_fn,
                                        gradient_fn=gradient_fn, optimizer=optimizer)
         losses.append(loss)

@@ -10,6 +10,7 @@ do not wait for JAX to import.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, NamedTuple
 
 
@@ -18,49 +19,18 @@ class Experiment(NamedTuple):
     run: Callable[[Any, str], Any]       # (config, workdir) -> the runner's results
 
 
-def _federated_check(config) -> None:
-    from spryjax.runners.federated import check_federated
-    check_federated(config)
-
-
-def _federated_run(config, workdir: str) -> Any:
-    from spryjax.runners.federated import run_federated
-    return run_federated(config, workdir)
-
-
-def _central_check(config) -> None:
-    from spryjax.runners.central import check_central
-    check_central(config)
-
-
-def _central_run(config, workdir: str) -> Any:
-    from spryjax.runners.central import run_central
-    return run_central(config, workdir)
-
-
-def _compare_check(config) -> None:
-    from spryjax.runners.compare import check_comparison
-    check_comparison(config)
-
-
-def _compare_run(config, workdir: str) -> Any:
-    from spryjax.runners.compare import run_comparison
-    return run_comparison(config, workdir)
-
-
-def _fwdgrad_demo_check(config) -> None:
-    from spryjax.runners.fwdgrad_demo import check_fwdgrad_demo
-    check_fwdgrad_demo(config)
-
-
-def _fwdgrad_demo_run(config, workdir: str) -> Any:
-    from spryjax.runners.fwdgrad_demo import run_fwdgrad_demo
-    return run_fwdgrad_demo(config, workdir)
+def _imported(module: str, name: str) -> Callable:
+    """spryjax.runners.<module>.<name>, imported at its first call."""
+    def call(*args):
+        return getattr(importlib.import_module(f"spryjax.runners.{module}"), name)(*args)
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 EXPERIMENTS: dict[str, Experiment] = {
-    "federated": Experiment(_federated_check, _federated_run),
-    "central": Experiment(_central_check, _central_run),
-    "compare": Experiment(_compare_check, _compare_run),
-    "fwdgrad_demo": Experiment(_fwdgrad_demo_check, _fwdgrad_demo_run),
+    "federated": Experiment(_imported("federated", "check_federated"), _imported("federated", "run_federated")),
+    "central": Experiment(_imported("central", "check_central"), _imported("central", "run_central")),
+    "compare": Experiment(_imported("compare", "check_comparison"), _imported("compare", "run_comparison")),
+    "fwdgrad_demo": Experiment(_imported("fwdgrad_demo", "check_fwdgrad_demo"),
+                               _imported("fwdgrad_demo", "run_fwdgrad_demo")),
 }
