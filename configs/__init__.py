@@ -7,14 +7,25 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def own_file_fields() -> dict:
+    """The text section's fields for your own file (`data.name=text_classification`, spryjax/data/
+    text_classification.py), unset (None) until given: path, text_column, text_pair_column, label_column,
+    client_column. With `data.name=text` they stay unset."""
+    unset = lambda: config_dict.placeholder(str)   # one each: fields sharing a placeholder would be linked
+    return {field: unset() for field in ("path", "text_column", "text_pair_column", "label_column", "client_column")}
+
+
 def rt_minilm_sections() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     """(data, model) of the offline real text task: Rotten Tomatoes snippets tokenized for MiniLM-L6 (≤ 64
     tokens; Rotten Tomatoes holds out 20% of the movies by default), LoRA r=1 (α=1, dropout 0.1: the released
-    code's) on query/value plus a linear head on mean-pooled features, fp32."""
+    code's) on query/value plus a linear head on mean-pooled features, an fp32 base (`quantize`: int8, int4 or nf4
+    for a quantized one). The data section also holds the fields of your own file (`own_file_fields`), so
+    `--config.data.name=text_classification --config.data.path=...` reads one."""
     data = ml_collections.ConfigDict({
-        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64})
+        "name": "text", "task": "rotten_tomatoes", "tokenizer": "minilm", "max_length": 64, **own_file_fields()})
     model = ml_collections.ConfigDict({
         "name": "text_classifier", "path": "minilm", "dtype": "float32", "head": "mean",
+        "quantize": config_dict.placeholder(str), "quantize_embeddings": False,
         "peft": {"method": "lora", "rank": 1, "alpha": 1.0, "dropout": 0.1, "target_modules": ("query", "value"),
                  "train_head": True}})
     return data, model

@@ -35,7 +35,7 @@ import jax
 import optax
 
 from spryjax import lm_tasks
-from spryjax.data import arrays, multimodal, nextword, text, vision
+from spryjax.data import arrays, multimodal, nextword, text, text_classification, vision
 from spryjax.data.dataset import Dataset
 from spryjax.errors import InputError
 from spryjax.fl.algorithm import FederatedAlgorithm
@@ -46,7 +46,7 @@ from spryjax.models import small
 from spryjax.nn import delta_attention, routed_models, routing
 from spryjax.peft import PeftConfig, ordered_leaves
 from spryjax.pytrees import leaf_paths
-from spryjax.signatures import parameters_of
+from spryjax.signatures import forwards_options_to, parameters_of
 from spryjax.task import Task
 
 Section = Mapping[str, Any]   # a ConfigDict section, or a plain dict
@@ -105,7 +105,7 @@ SIZES = Rule(lambda v: isinstance(v, tuple) and all(_is_int(x) and x >= 1 for x 
 # "not set" is None (the config's placeholder).
 RULES: dict[str, Rule] = {
     **{name: at_least(0) for name in ("seed", "eval_every", "checkpoint_every", "eval_every_steps",
-                                      "finetune_epochs")},
+                                      "finetune_epochs", "stride")},
     **{name: at_least(1) for name in (
         "num_rounds", "batch_size", "eval_batch_size", "local_epochs", "epochs", "steps", "num_tangents",
         "tangent_chunk_size", "initial_tangents", "candidates", "tensors_per_chunk", "clients_per_round",
@@ -114,7 +114,8 @@ RULES: dict[str, Rule] = {
         "examples_per_client", "max_examples_per_client", "min_examples", "max_length", "num_models", "neighbors",
         "rank", "chunk_size", "sequence_multiple", "personal_epochs", "personalize_epochs", "head_epochs",
         "vocab_size", "seq_len",
-        "max_clients", "num_train", "num_test", "features", "num_heads", "per_client", "sequence_bucket")},
+        "max_clients", "num_train", "num_test", "features", "num_heads", "per_client", "sequence_bucket",
+        "max_answer_length")},
     **{name: POSITIVE for name in ("learning_rate", "eps", "sigma", "tau", "temperature")},
     **{name: NON_NEGATIVE for name in ("weight_decay", "regularization", "proximal_mu", "proximal_lambda",
                                        "variance_threshold", "local_discount", "max_rotation")},
@@ -293,12 +294,43 @@ def _load_tokenizer(name: str, where: str) -> Any:
         raise InputError(f"{where}: {error}") from None
 
 
+# The text section (configs/__init__.py) serves two builders: `text` (a Hub task, `task`) and `text_classification`
+# (your own file: `path` and its columns). Each takes the other's fields too: `text` needs the file's unset, and
+# `text_classification` does not read `task`, which the section always holds.
+OWN_FILE_FIELDS = ("path", "text_column", "text_pair_column", "label_column", "client_column")
+
+
+@forwards_options_to(text.classification_dataset)
+def hub_text_dataset(*, path: str | None = None, text_column: str | None = None, text_pair_column: str | None = None,
+                     label_column: str | None = None, client_column: str | None = None, **options) -> Dataset:
+    """`text.classification_dataset(**options)`; the own-file fields must be unset (None)."""
+    given = dict(path=path, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                 client_column=client_column)
+    field = next((f for f in OWN_FILE_FIELDS if given[f] is not None), None)
+    if field is not None:
+        raise InputError(f"{field}={given[field]!r}: a field of your own file's data set; set data.name to "
+                         "text_classification to read it")
+    return text.classification_dataset(**options)
+
+
+@forwards_options_to(text_classification.text_classification_dataset)
+def own_text_dataset(*, task: str = "", **options) -> Dataset:
+    """`text_classification.text_classification_dataset(**options)`; `task` (the Hub task of `text`) is not
+    read."""
+    del task
+    return text_classification.text_classification_dataset(**options)
+
+
 DATASETS: dict[str, Entry] = {
     "digits": Entry(vision.digits),
-    "text": Entry(text.classification_dataset, objects={"tokenizer": _load_tokenizer}),
+    "text": Entry(hub_text_dataset, objects={"tokenizer": _load_tokenizer}),
+    "text_classification": Entry(own_text_dataset, objects={"tokenizer": _load_tokenizer}),
+    "squad_v2": Entry(text.squad_v2_dataset, objects={"tokenizer": _load_tokenizer}),
+    "multirc": Entry(text.multirc_dataset, objects={"tokenizer": _load_tokenizer}),
     "arrays": Entry(arrays.load_arrays),   # a built dataset saved by spryjax.data.arrays.save (device bundles)
     "mnist_personalized": Entry(vision.mnist_personalized),
     "digits_personalized": Entry(vision.digits_personalized),
+    "mnist_instance_shift": Entry(vision.mnist_instance_shift),
     "rt_nextword": Entry(nextword.rt_nextword),
     "emnist": Entry(vision.load_emnist),
     "stackoverflow": Entry(nextword.load_stackoverflow),
@@ -347,6 +379,7 @@ MODELS: dict[str, Entry] = {
     "mlp": Entry(small.mlp_model),
     "cnn": Entry(small.cnn_model),
     "text_classifier": Entry(lm_tasks.text_classifier, objects={"peft": _peft}),
+    "extractive_qa": Entry(lm_tasks.extractive_qa, objects={"peft": _peft}),
     "emnist_cnn": Entry(routed_models.emnist_cnn),
     "resnet_gn": Entry(routed_models.resnet_gn),
     "so_lstm": Entry(routed_models.so_lstm),

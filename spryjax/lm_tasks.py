@@ -13,8 +13,9 @@ import jax.numpy as jnp
 
 from spryjax import models
 from spryjax.data.dataset import Dataset
+from spryjax.data.reading_comprehension import MAX_ANSWER_LENGTH, span_extraction_task, with_example_predictions
 from spryjax.errors import InputError
-from spryjax.models import ModelConfig, decoder, heads, hf
+from spryjax.models import ModelConfig, decoder, heads, hf, quant
 from spryjax.models.layers import split_key
 from spryjax.peft import PeftConfig, adapter_options, merge, split
 from spryjax.task import Task, classification_task
@@ -25,29 +26,32 @@ LogitsFn = Callable[..., jax.Array]
 Model = str | os.PathLike | ModelConfig | hf.Pretrained
 
 
-def _base(model: Model, key: jax.Array, dtype: Any, shapes_only: bool) -> tuple[ModelConfig, Params]:
+def _base(model: Model, key: jax.Array, dtype: Any, shapes_only: bool, quantize: str | None = None,
+          quantize_embeddings: bool = False) -> tuple[ModelConfig, Params]:
+    quantized = lambda params: (params if quantize is None else
+                                quant.quantize_params(params, quantize, embeddings=quantize_embeddings))
     if isinstance(model, (models.EncoderConfig, models.DecoderConfig)):
-        init = lambda: models.init(model, key, dtype=dtype)
+        init = lambda: quantized(models.init(model, key, dtype=dtype))
         return model, jax.eval_shape(init) if shapes_only else init()
     if isinstance(model, hf.Pretrained):
-        if shapes_only:
-            return model.config, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), model.params)
-        return model.config, jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), model.params)
+        cast = lambda: quantized(quant.cast(model.params, dtype))
+        return model.config, jax.eval_shape(cast) if shapes_only else cast()
     if shapes_only:
         config = hf.load_config(model)
-        return config, jax.eval_shape(lambda: models.init(config, key, dtype=dtype))
-    pretrained = hf.load_pretrained(model, dtype=dtype)
+        return config, jax.eval_shape(lambda: quantized(models.init(config, key, dtype=dtype)))
+    pretrained = hf.load_pretrained(model, dtype=dtype, quantize=quantize, quantize_embeddings=quantize_embeddings)
     return pretrained.config, pretrained.params
 
 
 def _build(model, peft_config: PeftConfig, key: jax.Array, dtype: Any, shapes_only: bool,
            init_head: Callable[[ModelConfig, jax.Array], Params | None],
-           uses: Callable[[ModelConfig], tuple[str, ...]]) -> tuple[ModelConfig, Params, Params]:
+           uses: Callable[[ModelConfig], tuple[str, ...]], quantize: str | None = None,
+           quantize_embeddings: bool = False) -> tuple[ModelConfig, Params, Params]:
     """(config, frozen, trainable) of the base plus the head `init_head` makes. Of the base's optional parts
     ("pooler", "lm_head"), only those the task `uses` are kept: an unused LM head is 500 MiB of Llama2-7B's
     frozen weights."""
     k_base, k_head, k_peft = jax.random.split(key, 3)
-    config, base = _base(model, k_base, dtype, shapes_only)
+    config, base = _base(model, k_base, dtype, shapes_only, quantize, quantize_embeddings)
     base = {k: v for k, v in base.items() if k not in ("pooler", "lm_head") or k in uses(config)}
 
     def attach_and_split(base):
@@ -71,7 +75,9 @@ def default_head(config: ModelConfig) -> str:
 def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
                      key: jax.Array, dtype: Any = jnp.float32, *, head: str | None = None,
                      label_token_ids: Sequence[int] | None = None, shapes_only: bool = False,
-                     remat: Literal["full", "dots"] | None = None) -> tuple[Params, Params, LogitsFn]:
+                     remat: Literal["full", "dots"] | None = None,
+                     quantize: Literal["int8", "int4", "nf4"] | None = None,
+                     quantize_embeddings: bool = False) -> tuple[Params, Params, LogitsFn]:
     """A sequence classifier: (frozen, trainable, logits_fn) with
 
         logits_fn(trainable, frozen, batch, key=None) -> logits [B, num_labels] (fp32)
@@ -89,6 +95,9 @@ def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
       shapes_only: frozen and trainable as ShapeDtypeStructs, nothing allocated (compile-only memory studies).
       remat: rematerialize each transformer layer under backprop: "full" (recompute everything) or "dots" (keep
         the matrix products' outputs); see `models.layers.rematerialized`. No effect on forward-mode AD.
+      quantize: a frozen base with its transformer-layer kernels quantized ("int8", "int4", "nf4";
+        `spryjax.models.quant`), dequantizing to `dtype`; a model folder is quantized while it is read.
+      quantize_embeddings: also quantize the word embedding and an untied LM head.
 
     Example:
       >>> frozen, trainable, logits_fn = build_classifier(minilm_folder, 2, PeftConfig(), key)
@@ -104,7 +113,8 @@ def build_classifier(model: Model, num_labels: int, peft_config: PeftConfig,
         init_head = lambda cfg, k: heads.init_classifier(cfg.hidden_size, num_labels, k,
                                                          style=head or default_head(cfg))
     uses = lambda cfg: {"lm_labels": ("lm_head",), "bert_pooler": ("pooler",)}.get(head or default_head(cfg), ())
-    config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only, init_head, uses)
+    config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only, init_head, uses, quantize,
+                                       quantize_embeddings)
     if head == "lm_labels" and not models.is_decoder(config):
         raise InputError("head 'lm_labels' needs a decoder (Llama, OPT)")
     style = head or default_head(config)
@@ -143,12 +153,15 @@ def build_multiple_choice(model: Model, peft_config: PeftConfig, key: jax.Array,
 
 
 def build_qa(model: Model, peft_config: PeftConfig, key: jax.Array, dtype: Any = jnp.float32, *,
-             shapes_only: bool = False, remat: Literal["full", "dots"] | None = None
+             shapes_only: bool = False, remat: Literal["full", "dots"] | None = None,
+             quantize: Literal["int8", "int4", "nf4"] | None = None, quantize_embeddings: bool = False
              ) -> tuple[Params, Params, LogitsFn]:
     """Extractive QA (SQuAD v2): `logits_fn(trainable, frozen, batch, key=None)` returns start/end logits
-    [B, S, 2] over the (question, context) tokens, padding masked out; position 0 stands for "no answer"."""
+    [B, S, 2] over the (question, context) tokens, padding masked out; position 0 stands for "no answer".
+    `quantize`, `quantize_embeddings`: as `build_classifier`'s."""
     config, frozen, trainable = _build(model, peft_config, key, dtype, shapes_only,
-                                       lambda cfg, k: heads.init_qa(cfg.hidden_size, k), lambda cfg: ())
+                                       lambda cfg, k: heads.init_qa(cfg.hidden_size, k), lambda cfg: (), quantize,
+                                       quantize_embeddings)
     adapter = adapter_options(peft_config)
 
     def logits_fn(trainable: Params, frozen: Params, batch: Mapping[str, jax.Array],
@@ -179,12 +192,13 @@ def with_base_dropout(model: Model, rate: float) -> Model:
 
 def text_classifier(dataset: Dataset, key: jax.Array, *, path: str, peft: PeftConfig = PeftConfig(),
                     dtype: Literal["float32", "bfloat16"] = "float32", head: str | None = None,
-                    remat: Literal["full", "dots"] | None = None, base_dropout: float | None = None
+                    remat: Literal["full", "dots"] | None = None, base_dropout: float | None = None,
+                    quantize: Literal["int8", "int4", "nf4"] | None = None, quantize_embeddings: bool = False
                     ) -> tuple[Task, Params, Params]:
     """(Task, trainable, frozen): `build_classifier` for `dataset`'s classes on the model `path` names
-    (`resolve_model`), its base in `dtype`, each layer rematerialized under backprop with `remat`, wrapped in a
-    classification Task. `base_dropout` replaces the checkpoint's hidden and attention dropout rates (None: keep
-    them; LoRA's own dropout is `peft.dropout`).
+    (`resolve_model`), its base in `dtype` (quantized with `quantize`, dequantizing to `dtype`), each layer
+    rematerialized under backprop with `remat`, wrapped in a classification Task. `base_dropout` replaces the
+    checkpoint's hidden and attention dropout rates (None: keep them; LoRA's own dropout is `peft.dropout`).
 
     Example:
       >>> task, trainable, frozen = text_classifier(dataset, key, path="minilm", peft=PeftConfig(rank=1))
@@ -193,5 +207,34 @@ def text_classifier(dataset: Dataset, key: jax.Array, *, path: str, peft: PeftCo
     if base_dropout is not None:
         model = with_base_dropout(model, base_dropout)
     frozen, trainable, logits_fn = build_classifier(model, dataset.num_classes, peft, key,
-                                                    dtype=jnp.dtype(dtype), head=head, remat=remat)
-    return classification_task(logits_fn, dataset.num_classes), trainable, frozen
+                                                    dtype=jnp.dtype(dtype), head=head, remat=remat,
+                                                    quantize=quantize, quantize_embeddings=quantize_embeddings)
+    task = classification_task(logits_fn, dataset.num_classes)
+    if "example_id" in dataset.train:   # the dataset scores per-example predictions on the host (MultiRC)
+        task = with_example_predictions(task, logits_fn, _num_examples(dataset))
+    return task, trainable, frozen
+
+
+def _num_examples(dataset: Dataset) -> int:
+    return len(dataset.train["example_id"]) + len(dataset.test["example_id"])
+
+
+def extractive_qa(dataset: Dataset, key: jax.Array, *, path: str, peft: PeftConfig = PeftConfig(),
+                  dtype: Literal["float32", "bfloat16"] = "float32", remat: Literal["full", "dots"] | None = None,
+                  base_dropout: float | None = None, quantize: Literal["int8", "int4", "nf4"] | None = None,
+                  quantize_embeddings: bool = False, max_answer_length: int = MAX_ANSWER_LENGTH
+                  ) -> tuple[Task, Params, Params]:
+    """(Task, trainable, frozen): `build_qa` on the model `path` names, as
+    `reading_comprehension.span_extraction_task` over the windows of `dataset` (`text.squad_v2_dataset`); answers
+    up to `max_answer_length` tokens. The other options are `text_classifier`'s.
+
+    Example:
+      >>> task, trainable, frozen = extractive_qa(squad, key, path="facebook/opt-6.7b", dtype="bfloat16")
+    """
+    model = resolve_model(path)
+    if base_dropout is not None:
+        model = with_base_dropout(model, base_dropout)
+    frozen, trainable, logits_fn = build_qa(model, peft, key, dtype=jnp.dtype(dtype), remat=remat, quantize=quantize,
+                                            quantize_embeddings=quantize_embeddings)
+    return (span_extraction_task(logits_fn, _num_examples(dataset), max_answer_length=max_answer_length), trainable,
+            frozen)

@@ -8,7 +8,9 @@ anything is written, every field of the config is checked (names, option names, 
 workdir is prepared (`spryjax.runners.workdir`: a path that can hold a run, a lock against a second run, a
 resumed run's config compared with the one it started with). Every field the run used is saved to
 `WORKDIR/config.json`. Failures end with one line on stderr: exit code 2 for bad input, 3 for a diverged run,
-130 for Ctrl-C (the line says where the same command resumes); nothing already written is lost.
+130 for Ctrl-C (the line says where the same command resumes); nothing already written is lost. Bad input met
+only while loading (a data file's columns) takes back the config.json of a workdir that held no run, so the
+corrected command can use it.
 """
 from __future__ import annotations
 
@@ -64,11 +66,14 @@ def explain_flag_error(exc: Exception, argv: list[str]) -> str:
 
 
 def make_configs_importable(argv: list[str]) -> None:
-    """Config files may import their siblings (`from configs import spry_rt_minilm`): the folder holding the
-    config's folder goes on sys.path, so that works from any working directory."""
+    """Config files may import their siblings (`from configs import spry_rt_minilm`, `from configs.paper import
+    spry`): the folder holding the config's folder, or above it the folder holding its outermost package (folders
+    with an __init__.py), goes on sys.path, so that works from any working directory."""
     for arg in argv[1:]:
         if arg.startswith("--config="):
             folder = os.path.dirname(os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0])))
+            while os.path.isfile(os.path.join(folder, "__init__.py")):
+                folder = os.path.dirname(folder)
             if folder not in sys.path:
                 sys.path.insert(0, folder)
 
@@ -134,10 +139,26 @@ def run_cli(argv: list[str]) -> int:
         experiment = resolve_experiment(config.get("experiment", ""))
         workdir = default_workdir(values)
         experiment.check(config)
+        fresh = not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))
         with workdir_lib.prepared(config, workdir, take_over_lock=values.take_over_lock,
                                   branch_from=values.branch_from):
-            experiment.run(config, workdir)
+            try:
+                experiment.run(config, workdir)
+            except InputError:
+                if fresh:   # under the workdir's lock: no other run's config.json is touched
+                    forget_unstarted_run(workdir)
+                raise
     return run_command(main, PROG)
+
+
+def forget_unstarted_run(workdir: str) -> None:
+    """After bad input met while loading (a data file's columns, say), a workdir that held no run before and
+    recorded nothing (no metrics, no checkpoints) loses the config.json just written, so that the corrected command
+    can use the same --workdir."""
+    from spryjax.metrics import METRICS_FILE
+    from spryjax.runners.workdir import CONFIG_FILE
+    if not any(os.path.exists(os.path.join(workdir, name)) for name in (METRICS_FILE, "checkpoints")):
+        os.remove(os.path.join(workdir, CONFIG_FILE))
 
 
 def entry_point() -> None:

@@ -8,7 +8,7 @@ Everything else is a model input.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -19,6 +19,10 @@ class Dataset(NamedTuple):
     test: dict[str, np.ndarray]
     num_classes: int              # 0 for regression
     sequence_keys: tuple[str, ...] = ()
+    label_names: tuple[str, ...] = ()   # what each class id stands for, where the source names its labels
+    # Evaluation sums -> metrics where they need the data's host-side text (SQuAD's answer spans, MultiRC's
+    # questions: spryjax.data.reading_comprehension); None: spryjax.task.summarize.
+    summarize: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None
 
     def inputs(self, split: str = "train") -> dict[str, np.ndarray]:
         """The arrays a model reads (all but "client" and "length")."""

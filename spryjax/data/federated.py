@@ -25,7 +25,7 @@ import numpy as np
 
 from spryjax.data import partition as partitions
 from spryjax.data.dataset import Dataset
-from spryjax.errors import InputError
+from spryjax.errors import InputError, warn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +183,16 @@ def federate(data: Dataset, *, seed: int, partition: Literal["iid", "dirichlet",
                                                 examples_per_client=examples_per_client)
     elif partition == "natural":
         if "client" not in arrays:
-            raise InputError(f"partition=natural: dataset {data.name!r} has no natural client key")
+            raise InputError(f"partition=natural: dataset {data.name!r} has no client ids (from a file of your own: "
+                             "give its client column)")
         parts, _ = partitions.natural(arrays["client"], min_examples=min_examples)
+        dropped = len(np.unique(arrays["client"])) - len(parts)
+        if not parts:
+            raise InputError(f"partition=natural: all {dropped} clients of {data.name!r} have fewer than "
+                             f"min_examples={min_examples} examples")
+        if dropped:
+            warn(f"partition=natural: {dropped} of {dropped + len(parts)} clients of {data.name!r} have fewer than "
+                 f"min_examples={min_examples} examples and are left out; {len(parts)} remain")
     else:
         raise InputError(f"partition: unknown {partition!r}; known: iid, dirichlet, natural")
     train_parts, test_parts = partitions.train_test_split(parts, test_fraction, seed=seed)

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from spryjax.data import reading_comprehension as rc
 from spryjax.data.dataset import Dataset
 from spryjax.data.download import DataFiles, PathLike, load_table
 from spryjax.data.rotten_tomatoes import load_rotten_tomatoes_split
-from spryjax.data.tokenize import tokenized_dataset
-from spryjax.errors import InputError
+from spryjax.data.tokenize import answer_positions, tokenize, tokenize_windows, tokenized_dataset
+from spryjax.errors import InputError, warn
+from spryjax.task import summarize as summarize_sums
 
 if TYPE_CHECKING:
     import pyarrow
@@ -106,14 +108,15 @@ def load_multirc(split: str = "train", *, data_files: DataFiles | None = None, c
 
 def load_squad_v2(split: str = "train", *, data_files: DataFiles | None = None, cache_dir: PathLike | None = None
                   ) -> Columns:
-    """SQuAD 2.0: {"id", "question", "context", "answer_text", "answer_start"}.
+    """SQuAD 2.0: {"id", "title", "question", "context", "answer_text", "answer_start"}.
 
     answer_text (n, A) object and answer_start (n, A) int32 hold each question's reference answers and their
     character offsets into the context, padded with "" and −1 to the split's most answers A (≥ 1); a row of −1 is
     an unanswerable question. Local files need the Hub layout, `answers` = {"text": [...], "answer_start": [...]}
     per row, so json or parquet (csv has no nested columns)."""
     table = load_table("SQuAD v2", ("rajpurkar/squad_v2", None), split, ("train", "validation"),
-                        ("id", "question", "context", "answers"), data_files=data_files, cache_dir=cache_dir)
+                        ("id", "title", "question", "context", "answers"), data_files=data_files,
+                        cache_dir=cache_dir)
     answers = table.column("answers").to_pylist()
     if not all(isinstance(a, dict) and {"text", "answer_start"} <= a.keys() for a in answers):
         raise InputError('SQuAD v2: column "answers" must hold {"text": [...], "answer_start": [...]} per row '
@@ -124,7 +127,7 @@ def load_squad_v2(split: str = "train", *, data_files: DataFiles | None = None, 
     for i, a in enumerate(answers):
         answer_text[i, :len(a["text"])] = a["text"]
         answer_start[i, :len(a["answer_start"])] = a["answer_start"]
-    return {"id": _strings(table, "id"), "question": _strings(table, "question"),
+    return {"id": _strings(table, "id"), "title": _strings(table, "title"), "question": _strings(table, "question"),
             "context": _strings(table, "context"), "answer_text": answer_text, "answer_start": answer_start}
 
 
@@ -197,9 +200,10 @@ def classification_dataset(*, task: str, tokenizer: PreTrainedTokenizerBase, max
     """
     if task not in TEXT_TASKS:
         raise InputError(f"unknown text task {task!r}; known: {', '.join(sorted(TEXT_TASKS))}")
+    if task in ("multirc", "squad_v2"):
+        raise InputError(f"task {task!r} has its own data set, with its own scores: data.name={task!r} "
+                         f"({task}_dataset)")
     spec = TEXT_TASKS[task]
-    if spec.num_labels is None:
-        raise InputError(f"{task!r} is not a classification task")
     files = dict(data_files or {})
     if task == "rotten_tomatoes":
         load = lambda split: spec.loader(split, data_files=files.get(split), seed=seed,
@@ -210,3 +214,99 @@ def classification_dataset(*, task: str, tokenizer: PreTrainedTokenizerBase, max
         load = lambda split: spec.loader(split, data_files=files.get(split))
     return tokenized_dataset(task, load(train_split), load(test_split), tokenizer, max_length=max_length,
                              num_classes=spec.num_labels, text_fields=spec.text_fields)
+
+
+# ------------------------------------------------------------------------------------ reading comprehension
+
+
+def _split_dataset(name: str, arrays: Columns, num_train: int, num_classes: int, sequence_keys: tuple[str, ...],
+                   summarize) -> Dataset:
+    """A Dataset of `arrays` whose first `num_train` rows are the train split, each row numbered by "example_id"
+    (its row in train + test, the order in which `federate` pools them)."""
+    arrays = {**arrays, "example_id": np.arange(len(arrays["label"]), dtype=np.int32)}
+    return Dataset(name, {k: v[:num_train] for k, v in arrays.items()}, {k: v[num_train:] for k, v in arrays.items()},
+                   num_classes, sequence_keys, summarize=summarize)
+
+
+def squad_v2_dataset(*, tokenizer: PreTrainedTokenizerBase, max_length: int = 384, stride: int = 128,
+                     train_split: str = "train", test_split: str = "validation",
+                     data_files: Mapping[str, DataFiles] | None = None) -> Dataset:
+    """SQuAD 2.0 as windows for extractive QA (`reading_comprehension.span_extraction_task`), scored on the host
+    with the official exact match and F1.
+
+    Each question's context is cut into windows of `max_length` tokens sharing `stride` tokens
+    (`tokenize.tokenize_windows`); a window's labels are its answer's input positions (`tokenize.answer_positions`,
+    from the first gold answer), position 0 where it holds none. Arrays: the model inputs, "start_position",
+    "end_position", "context_first", "context_last", "example_id", and "label": the article (title) of the
+    question, which Dirichlet partitions skew (as Spry's released SQuAD loader does). Windows of one long context
+    are examples of their own, so they may land in different clients.
+
+    `summarize` turns an evaluation's per-window best spans into each evaluated question's answer
+    (`reading_comprehension.answers_from_windows`, threshold 0) and scores them (`squad_v2_scores`).
+    """
+    files = dict(data_files or {})
+    splits = [load_squad_v2(split, data_files=files.get(key)) for key, split in
+              (("train", train_split), ("test", test_split))]
+    questions = {k: np.concatenate([split[k] for split in splits]) for k in ("question", "context", "title")}
+    answer_text = [list(row[row != ""]) for split in splits for row in split["answer_text"]]
+    first_start = np.concatenate([split["answer_start"][:, 0] for split in splits])
+    first_end = np.where(first_start >= 0, first_start + np.array([len(a[0]) if a else 0 for a in answer_text]), -1)
+    windows = tokenize_windows(questions["question"], questions["context"], tokenizer, max_length, stride=stride)
+    start_position, end_position = answer_positions(windows, first_start, first_end, no_answer=rc.NO_ANSWER)
+    titles, title_id = np.unique(questions["title"], return_inverse=True)
+    arrays = {**windows.tokens.arrays(), "start_position": start_position, "end_position": end_position,
+              "context_first": windows.context_first, "context_last": windows.context_last,
+              "label": title_id[windows.example].astype(np.int32)}
+    num_train = int(np.sum(windows.example < len(splits[0]["question"])))
+
+    def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
+        metrics = summarize_sums({k: v for k, v in sums.items() if k not in rc.SPAN_VECTORS})
+        evaluated = np.flatnonzero(np.asarray(sums["evaluated"]) > 0)
+        if evaluated.size == 0:
+            return metrics
+        start, end = (np.asarray(sums[k])[evaluated].astype(np.int64) for k in ("span_start", "span_end"))
+
+        def span_text(i: int) -> str:
+            k = evaluated[i]
+            a, b = windows.span_characters(k, start[i], end[i])
+            return questions["context"][windows.example[k]][a:b]
+
+        answers, no_answer = rc.answers_from_windows(windows.example[evaluated],
+                                                     np.asarray(sums["span_score"])[evaluated],
+                                                     np.asarray(sums["null_score"])[evaluated], span_text)
+        return {**metrics, **rc.squad_v2_scores(answers, {q: answer_text[q] for q in answers}, no_answer)}
+
+    return _split_dataset("squad_v2", arrays, num_train, len(titles), windows.tokens.sequence_keys, summarize)
+
+
+def multirc_dataset(*, tokenizer: PreTrainedTokenizerBase, max_length: int = 512, train_split: str = "train",
+                    test_split: str = "validation", data_files: Mapping[str, DataFiles] | None = None) -> Dataset:
+    """MultiRC as binary classification of each (paragraph, question, answer) option, the pair of texts
+    (paragraph, question + " " + answer) as Spry's released loader joins them; "label" 1 for a correct option.
+
+    `summarize` adds MultiRC's scores over the evaluated options (`reading_comprehension.multirc_scores`):
+    exact_match per question (over its options that were evaluated: a Dirichlet partition deals a question's
+    options to clients one by one) and f1a. The model's evaluation must return per-example predictions
+    (`reading_comprehension.with_example_predictions`; `lm_tasks.text_classifier` adds them for "example_id").
+    Warns when more than 5% of the examples are longer than `max_length` (they are cut).
+    """
+    files = dict(data_files or {})
+    splits = [load_multirc(split, data_files=files.get(key)) for key, split in
+              (("train", train_split), ("test", test_split))]
+    columns = {k: np.concatenate([split[k] for split in splits]) for k in ("paragraph", "question", "answer", "label")}
+    question = np.concatenate([splits[0]["question_id"], splits[1]["question_id"] + len(splits[0]["question_id"])])
+    pairs = np.array([f"{q} {a}" for q, a in zip(columns["question"], columns["answer"])], dtype=object)
+    tokens = tokenize(columns["paragraph"], tokenizer, max_length, text_pairs=pairs)
+    if tokens.truncated_fraction > 0.05:
+        warn(f"MultiRC: {tokens.truncated_fraction:.0%} of the examples are longer than max_length={max_length} "
+             f"tokens and are cut (the longest has {tokens.full_length.max()})")
+    label = columns["label"]
+
+    def summarize(sums: dict[str, np.ndarray]) -> dict[str, float]:
+        metrics = summarize_sums({k: v for k, v in sums.items() if k not in rc.PREDICTION_VECTORS})
+        evaluated = np.flatnonzero(np.asarray(sums["evaluated"]) > 0)
+        predicted = np.asarray(sums["predicted"])[evaluated].astype(np.int32)
+        return {**metrics, **rc.multirc_scores(question[evaluated], predicted, label[evaluated])}
+
+    return _split_dataset("multirc", {**tokens.arrays(), "label": label}, len(splits[0]["label"]), 2,
+                          tokens.sequence_keys, summarize)

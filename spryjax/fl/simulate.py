@@ -355,8 +355,8 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
                    eval_clients: int | None = None, interim_eval_clients: int | None = None,
                    full_eval_every: int | None = None, eval_chunk_size: int | None = None,
                    checkpoint_every: int | None = None, workdir: str | None = None, mesh: Mesh | None = None,
-                   unroll: int | bool = 1, show_progress: bool = True, sequence_multiple: int | None = 8
-                   ) -> RunResult:
+                   unroll: int | bool = 1, show_progress: bool = True, sequence_multiple: int | None = 8,
+                   summarize: Callable[[dict], dict[str, float]] = summarize) -> RunResult:
     """Runs `num_rounds` rounds of `algorithm` (see the module docstring) and returns the final state.
 
     Args:
@@ -373,6 +373,8 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
       sequence_multiple: with the loop strategy and an algorithm's eager client update, each local minibatch's
         sequences are cut to its longest row rounded up to this many tokens (None: to the cohort's longest row,
         as every strategy does). About 1.4× faster Spry rounds on the offline text task (scripts/bench_lm_round.py).
+      summarize: an evaluation group's summed sums -> its metrics (a dataset's own, `Dataset.summarize`, where its
+        scores need host-side data such as SQuAD's texts).
 
     Example:
       >>> result = run_simulation(fedavg(task, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
@@ -414,7 +416,8 @@ def run_simulation(algorithm: FederatedAlgorithm, params: PyTree, frozen: PyTree
 
     @functools.cache
     def evaluation_for(clients: int | None, final: bool):
-        return _evaluation(algorithm, train, test, clients, chunk, batch_size, mesh, num_devices, final=final)
+        return _evaluation(algorithm, train, test, clients, chunk, batch_size, mesh, num_devices, final=final,
+                           summarize=summarize)
 
     def evaluate(state, round_):
         key = jax.random.fold_in(jax.random.fold_in(root, EVAL_STREAM), round_)
@@ -449,7 +452,8 @@ def evaluation_arrays(train: FederatedData, test: FederatedData, eval_clients: i
     return plan, (train_arrays, train_counts, test_arrays, test_counts)
 
 
-def evaluation_record(groups: dict) -> dict[str, float]:
+def evaluation_record(groups: dict, summarize: Callable[[dict], dict[str, float]] = summarize
+                      ) -> dict[str, float]:
     """{group: sums} (host arrays) -> {"<group>_<metric>": value}, e.g. generalized_accuracy."""
     return {f"{group}_{k}": v for group, sums in groups.items() for k, v in summarize(sums).items() if k != "count"}
 
@@ -465,7 +469,7 @@ def evaluation_schedule(num_rounds: int, eval_every: int, eval_clients: int | No
 
 
 def _evaluation(algorithm, train: FederatedData, test: FederatedData, eval_clients, chunk, batch_size, mesh,
-                num_devices, *, final: bool = False):
+                num_devices, *, final: bool = False, summarize: Callable[[dict], dict[str, float]] = summarize):
     """A closure evaluating the state on a fixed set of clients (data gathered and placed once); its records
     carry `evaluated_clients`."""
     plan, arrays = evaluation_arrays(train, test, eval_clients, chunk, batch_size, num_devices)
@@ -475,6 +479,6 @@ def _evaluation(algorithm, train: FederatedData, test: FederatedData, eval_clien
     evaluated = min(eval_clients or train.num_clients, train.num_clients)
 
     def run_evaluation(state, frozen, key):
-        record = evaluation_record(mesh_lib.to_host(evaluate(frozen, broadcast(state), *placed, key)))
+        record = evaluation_record(mesh_lib.to_host(evaluate(frozen, broadcast(state), *placed, key)), summarize)
         return {**record, "evaluated_clients": evaluated}
     return run_evaluation

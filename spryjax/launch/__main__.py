@@ -95,7 +95,7 @@ class Sweep:
         self.config, self.workdir, self.overrides, self.vectorize, self.python = (
             config, workdir, overrides, vectorize, python)
         self.members = sweep.expand(config, workdir)
-        self.rounds = {m.name: sweep.resolve(config, m, overrides).num_rounds for m in self.members}
+        self.rounds = {m.name: sweep.length(sweep.resolve(config, m, overrides)) for m in self.members}
         self.jobs = jobs_lib.plan_jobs(self.members, vectorize)
 
     def argv(self, shard: tuple[int, int] | None = None, *, members: tuple[str, ...] = (), **runtime) -> list[str]:

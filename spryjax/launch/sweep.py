@@ -213,6 +213,11 @@ def resolve(config_spec: str, member: Member, cli_overrides: list[str] = ()) -> 
 # Status on disk
 
 
+def length(config: ConfigDict) -> int:
+    """How far a member runs, what DONE records: its num_rounds (federated runs), or its train.epochs (central)."""
+    return config.num_rounds if "num_rounds" in config else config.train.epochs
+
+
 class Status(NamedTuple):
     state: str          # "done", "partial" (has metrics or checkpoints) or "new"
     last_round: int     # the last round recorded in metrics.jsonl (0 if none)

@@ -80,7 +80,7 @@ def run_job(job: jobs_lib.Job, config_spec: str, overrides: list[str], *, take_o
         cli.resolve_experiment(c.get("experiment", "")).check(c)
         if main_process and os.path.exists(os.path.join(m.workdir, workdir_lib.CONFIG_FILE)):
             workdir_lib.compare_with_saved(c, m.workdir)
-    done = _agree([sweep.status(m.workdir, c.num_rounds).state == "done" for m, c in zip(job.members, configs)])
+    done = _agree([sweep.status(m.workdir, sweep.length(c)).state == "done" for m, c in zip(job.members, configs)])
     todo = [(m, c) for m, c, d in zip(job.members, configs, done) if not d]
     if not todo:
         return True
@@ -109,7 +109,7 @@ def _run_members(job, todo, federated, main_process: bool) -> bool:
         return False
     if main_process:
         for m, c in todo:
-            sweep.mark_done(m.workdir, c.num_rounds)
+            sweep.mark_done(m.workdir, sweep.length(c))
     return True
 
 

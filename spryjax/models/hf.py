@@ -33,7 +33,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from spryjax.errors import InputError
-from spryjax.models import ModelConfig, decoder, encoder, init, is_decoder
+from spryjax.models import ModelConfig, decoder, encoder, init, is_decoder, quant
 from spryjax.models.decoder import DecoderConfig
 from spryjax.models.encoder import EncoderConfig
 from spryjax.models.layers import CheckpointEntry
@@ -236,8 +236,13 @@ def canonical_name(name: str) -> str:
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
 
 
-def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32) -> tuple[ModelConfig, dict, tuple]:
+def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32, quantize: str | None = None,
+                 quantize_embeddings: bool = False) -> tuple[ModelConfig, dict, tuple]:
     """Reads the base model's tensors of `folder` into a tree shaped like `init(config)`, cast to `dtype`.
+
+    With `quantize` ("int8", "int4", "nf4"; `spryjax.models.quant`), each transformer-layer kernel (and with
+    `quantize_embeddings` the word embedding and an untied LM head) is quantized on the host right after it is read,
+    scales in `dtype`: host memory stays near one full-precision tensor plus the quantized model.
 
     Returns (config, params, unexpected). An encoder checkpoint without pooler weights gives `pooler=False`; a tied
     decoder ignores `lm_head.weight`; an untied
@@ -267,6 +272,8 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32)
     unexpected = tuple(k for k in files
                        if canonical_name(k) not in stored and k not in tied and not IGNORED.search(k))
 
+    if quantize is not None:
+        quant.check_scheme(quantize)
     shapes = jax.eval_shape(lambda: init(config, jax.random.key(0), dtype=dtype))
     params = jax.tree.map(lambda s: None, shapes)
     handles: dict[Path, Any] = {}
@@ -285,15 +292,24 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: Any = jnp.float32)
                              "from config.json")
         if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
             raise InputError(f"{file}: tensor {original!r} has dtype {array.dtype}, expected floats")
-        _set(params, entry.path, jnp.asarray(array.T if entry.transpose else array, dtype=dtype))
+        array = array.T if entry.transpose else array
+        if quantize is not None and quant.targets(entry.path, quantize_embeddings):
+            quantized = quant.quantize_tensor(entry.path, array, quantize, dtype=dtype)
+            _set(params, entry.path, jax.tree.map(jnp.asarray, quantized))
+        else:
+            _set(params, entry.path, jnp.asarray(array, dtype=dtype))
+        del array
     if params.get("lm_head") == {"kernel": None}:
         del params["lm_head"]
     return config, params, unexpected
 
 
-def load_pretrained(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32) -> Pretrained:
+def load_pretrained(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32, quantize: str | None = None,
+                    quantize_embeddings: bool = False) -> Pretrained:
     """Config and base-model weights of a Hugging Face checkpoint (folder with config.json and model.safetensors
-    or a sharded index; or a hub name when online), in `dtype` (fp32 or bf16).
+    or a sharded index; or a hub name when online), in `dtype` (fp32 or bf16). `quantize` ("int8", "int4", "nf4")
+    quantizes the transformer-layer kernels tensor by tensor while reading (`load_weights`); they dequantize to
+    `dtype`.
 
     Unexpected tensors (a pretraining or task head, say) are returned and reported with a warning; missing ones,
     wrong shapes and unreadable files raise InputError naming the file and the tensor.
@@ -303,7 +319,8 @@ def load_pretrained(path_or_name: str | os.PathLike, *, dtype: Any = jnp.float32
       >>> hidden = spryjax.models.apply(pre.params, batch, config=pre.config)
     """
     folder = resolve(path_or_name)
-    config, params, unexpected = load_weights(folder, load_config(folder), dtype=dtype)
+    config, params, unexpected = load_weights(folder, load_config(folder), dtype=dtype, quantize=quantize,
+                                              quantize_embeddings=quantize_embeddings)
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
         warnings.warn(f"{folder}: {len(unexpected)} checkpoint tensors not used by the {config.arch} base model: "

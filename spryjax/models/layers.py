@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from spryjax.errors import InputError
+from spryjax.models import quant
 
 Params = dict[str, Any]
 
@@ -78,11 +79,12 @@ def dense(p: Params, x: jax.Array, *, adapter: AdapterOptions = AdapterOptions()
 
     with W = p["kernel"] [in, out], b = p["bias"] [out] (optional), LoRA factors p["lora_a"] [in, r] and
     p["lora_b"] [r, out], IA3 scales p["ia3_in"] [in] (feed-forward down projections) or p["ia3_out"] [out]
-    (keys, values); absent leaves drop their term. x: [..., in] -> y: [..., out], in x's dtype.
+    (keys, values); absent leaves drop their term. W may be a `quant.QuantizedWeight` (a quantized frozen base),
+    dequantized here by `quant.matmul`. x: [..., in] -> y: [..., out], in x's dtype.
     """
     dtype = x.dtype
     cast = lambda name: p[name].astype(dtype)
-    y = (x * cast("ia3_in") if "ia3_in" in p else x) @ p["kernel"].astype(dtype)
+    y = quant.matmul(x * cast("ia3_in") if "ia3_in" in p else x, p["kernel"])
     if "bias" in p:
         y = y + cast("bias")
     if "ia3_out" in p:

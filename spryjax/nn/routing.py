@@ -247,6 +247,39 @@ def routed_model(module: nnx.Module, *, objective: Objective,
     return RoutedModel(apply, tuple(nnx.to_pure_dict(s) for s in states), objective, make_task, num_points)
 
 
+def local_from_global(theta_g: PyTree, theta_l: PyTree) -> PyTree:
+    """θ_l with every routed layer's local copy replaced by its global copy: for each `Routed` layer, whose pure
+    states are θ_g[...]["global_"] and θ_l[...]["local"] at the same path, θ_l[...]["local"] := θ_g[...]["global_"].
+
+    Flow's `local_init` options use it (the released code initializes the copies independently). Raises ValueError
+    if a local copy has no global copy of the same structure.
+
+    Example:
+      >>> theta_g, theta_l, phi = model.states
+      >>> theta_l = local_from_global(theta_g, theta_l)     # f_local(x) == f_global(x) for every x
+    """
+    def copy(g: Any, l: Any, path: str) -> Any:
+        if not isinstance(l, dict):
+            raise ValueError(f"local parameter {path or '/'} is not inside a Routed layer's local copy")
+        out = {}
+        for name, sub in l.items():
+            here = f"{path}/{name}"
+            if not isinstance(g, dict) or (name not in g and not (name == "local" and "global_" in g)):
+                raise ValueError(f"local copy {here} has no global counterpart")
+            if name == "local":
+                source = g["global_"]
+                if jax.tree.structure(source) != jax.tree.structure(sub) or any(
+                        (a.shape, a.dtype) != (b.shape, b.dtype)
+                        for a, b in zip(jax.tree.leaves(source), jax.tree.leaves(sub))):
+                    raise ValueError(f"local copy {here} and its global copy differ in structure, shapes or dtypes")
+                out[name] = source
+            else:
+                out[name] = copy(g[name], sub, here)
+        return out
+
+    return copy(theta_g, theta_l, "")
+
+
 def global_logits(model: RoutedModel) -> Callable[..., jax.Array]:
     """The pure global path as `logits(θ_g, frozen, batch, key=None)`, the signature of a `Task`'s logits function.
 

@@ -15,6 +15,8 @@ numeric hyperparameters) as one vmapped simulation (`spryjax.fl.vectorized`), ea
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +33,7 @@ from spryjax.signatures import parameters_of
 
 # Parameters of run_simulation that come from elsewhere than config.fl.
 _ENGINE_GIVEN = ("algorithm", "params", "frozen", "train", "test", "num_rounds", "seed", "batch_size", "workdir",
-                 "mesh")
+                 "mesh", "summarize")
 
 
 def fl_options(fl, where: str = "config.fl") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -75,9 +77,13 @@ class Setup(NamedTuple):
 def setup(config) -> Setup:
     """config.data -> dataset -> clients (config.fl) -> model (config.model), all seeded by config.seed."""
     key = jax.random.key(config.seed)
-    partition, _ = fl_options(config.fl)
+    partition, engine = fl_options(config.fl)
     data = build.dataset(config.data, config.seed)
-    clients = federate(data, seed=config.seed, **partition)
+    with build.at("config.fl"):
+        clients = federate(data, seed=config.seed, **partition)
+    if clients.train.num_clients < engine["clients_per_round"]:   # natural partitions: known only now
+        raise InputError(f"config.fl.clients_per_round={engine['clients_per_round']}: more than the "
+                         f"{clients.train.num_clients} clients of {data.name!r}")
     task, params, frozen = build.model(config.model, data, jax.random.fold_in(key, 1),
                                        routed=config.algorithm.name in build.ROUTED_ALGORITHMS)
     return Setup(data, clients, task, params, frozen)
@@ -95,10 +101,22 @@ def _print_summary(name: str, dataset: str, history: list[dict], workdir: str) -
           f"{last['wall_time']:.0f} s; metrics: {workdir}/metrics.jsonl")
 
 
+def save_label_names(data: Dataset, workdir: str) -> None:
+    """Prints a dataset's label → class id mapping and writes it to WORKDIR/labels.json (where it names labels)."""
+    if data.label_names and jax.process_index() == 0:
+        mapping = {name: i for i, name in enumerate(data.label_names)}
+        print(f"{data.name}: labels {mapping}", flush=True)
+        with open(os.path.join(workdir, "labels.json"), "w") as f:
+            json.dump(mapping, f, indent=1)
+
+
 def run_federated(config, workdir: str, *, mesh: Mesh | None = None) -> simulate.RunResult:
     """One federated run on `mesh` (default: every device of every process)."""
     built = setup(config)
+    save_label_names(built.data, workdir)
     options = engine_options(config)
+    if built.data.summarize is not None:
+        options["summarize"] = built.data.summarize
     algorithm = build.algorithm(config.algorithm, built.task, built.params, options["clients_per_round"])
     result = simulate.run_simulation(algorithm, built.params, built.frozen, built.clients.train, built.clients.test,
                                      seed=config.seed, workdir=workdir, mesh=mesh, **options)

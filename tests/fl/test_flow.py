@@ -113,6 +113,177 @@ def test_split_halves_is_a_partition_of_the_real_rows():
         assert sorted(rows.tolist()) == list(range(100, 100 + count))
 
 
+@pytest.mark.parametrize("beta", [0.5, 1.0, 0.0])
+def test_regularizer_gradient_pushes_towards_a_confident_decision_on_either_side(beta):
+    """As documented: descent on R lowers p^l (towards global) below t = 1/(1 + β) and raises it (towards local)
+    above t, through the probability and through the router's logits; R is smallest at the global end."""
+    threshold = 1.0 / (1.0 + beta)
+    regularizer = lambda p_local: flow.routing_regularizer(jnp.stack([1 - p_local, p_local])[None, None],
+                                                           jnp.ones(1), local_discount=beta)
+    slope = jax.grad(regularizer)
+    for p_local in np.linspace(0.02, 0.98, 25):
+        grad = float(slope(jnp.float32(p_local)))
+        if p_local < threshold - 0.02:
+            assert grad > 0, (beta, p_local, grad)            # descent moves p^l down: towards global
+        elif p_local > threshold + 0.02 and p_local < 1 - 1e-2:
+            assert grad < 0, (beta, p_local, grad)            # descent moves p^l up: towards local
+    # the same through a 2-way softmax exit: one descent step on the logits moves p^l away from the threshold
+    for p_local in (0.1, 0.4, 0.8, 0.95):
+        if abs(p_local - threshold) < 0.05 or (beta == 0.0 and p_local > 0.9):
+            continue
+        z = jnp.log(jnp.array([1 - p_local, p_local], jnp.float32))
+        loss = lambda z: flow.routing_regularizer(jax.nn.softmax(z)[None, None], jnp.ones(1), local_discount=beta)
+        moved = float(jax.nn.softmax(z - 0.1 * jax.grad(loss)(z))[1])
+        assert (moved < p_local) == (p_local < threshold), (beta, p_local, moved)
+    assert float(regularizer(jnp.float32(0.0))) == pytest.approx(0.0, abs=1e-5)
+    assert float(regularizer(jnp.float32(1.0))) == pytest.approx(-np.log(beta + 1e-6), rel=1e-5, abs=1e-6)
+
+
+def test_regularizer_counts_every_routing_point_on_the_local_column():
+    """Defined once: every routing point counts equally, column 1 is local (the released EMNIST code regularized
+    point 2's pair only)."""
+    p = jnp.array([[[1.0, 0.0], [0.2, 0.8], [0.5, 0.5], [0.0, 1.0]]])           # 1 instance, 4 points
+    r = lambda q: -np.log((1 - q) ** 2 + BETA * q ** 2 + 1e-6)
+    expected = np.mean([r(0.0), r(0.8), r(0.5), r(1.0)])
+    np.testing.assert_allclose(flow.routing_regularizer(p, jnp.ones(1), local_discount=BETA), expected, rtol=1e-6)
+
+
+def test_fixed_split_is_the_even_and_odd_minibatches_every_time():
+    data = {"label": jnp.arange(12) + 100}
+    for count in (0, 3, 7, 9, 12):
+        halves = [flow.split_halves(data, jnp.int32(count), jax.random.key(k), split="fixed", batch_size=3)
+                  for k in (0, 1)]
+        (local, n_local), (glob, n_global) = halves[0]
+        rows = np.arange(count)
+        expected_local, expected_global = rows[(rows // 3) % 2 == 0], rows[(rows // 3) % 2 == 1]
+        assert (int(n_local), int(n_global)) == (len(expected_local), len(expected_global))
+        np.testing.assert_array_equal(local["label"][:int(n_local)], expected_local + 100)
+        np.testing.assert_array_equal(glob["label"][:int(n_global)], expected_global + 100)
+        assert local["label"].shape == glob["label"].shape == (6,)
+        assert_trees_close(halves[0], halves[1], rtol=0, atol=0)      # the key does not matter
+    with pytest.raises(ValueError, match="batch size"):
+        flow.split_halves(data, jnp.int32(4), jax.random.key(0), split="fixed")
+
+
+def test_fixed_split_trains_on_the_same_halves_each_round(setup):
+    """With the fixed split the local phase sees the same rows whatever the round key: from the same state, two
+    keys give the same ζ_l, so training with plain SGD on one full batch gives the same θ_l."""
+    model, train, _ = setup
+    data, count = client(train, 0)
+    run = jax.jit(lambda s, k, split: flow.client_training(
+        model, s, data, count, k, optimizer=optax.sgd(LR), batch_size=4, epochs=1, regularization=LAMBDA,
+        local_discount=BETA, split=split)[0][1], static_argnums=2)
+    assert_trees_close(run(model.states, jax.random.key(1), "fixed"), run(model.states, jax.random.key(2), "fixed"),
+                       rtol=1e-6, atol=1e-7)
+    shuffled = [run(model.states, jax.random.key(k), "shuffled") for k in (1, 2)]
+    assert not np.allclose(shuffled[0]["dense2"]["local"]["kernel"], shuffled[1]["dense2"]["local"]["kernel"])
+
+
+def test_local_init_options(setup):
+    """at_creation: the server's initial θ_l is θ_g's copy (the local path computes the global path); every_round:
+    a client's training starts from θ_l := θ_g whatever the server's θ_l; independent: the model's θ_l."""
+    model, train, test = setup
+    g, l, r = model.states
+    init = lambda local_init: flow.flow(model, local_init=local_init, **options()).init(model.states,
+                                                                                         jax.random.key(0)).params
+    assert_trees_close(init("independent"), model.states, rtol=0, atol=0)
+    created = init("at_creation")
+    assert_trees_close(created[1], routing.local_from_global(g, l), rtol=0, atol=0)
+    assert_trees_close((created[0], created[2]), (g, r), rtol=0, atol=0)
+    batch = full_batch(*client(test, 0))
+    apply = jax.jit(model.apply, static_argnames=("mode", "hard"))
+    np.testing.assert_allclose(apply(created, batch, mode="local")[0], apply(created, batch, mode="global")[0],
+                               rtol=1e-6, atol=1e-6)
+
+    data, count = client(train, 1)
+    run = jax.jit(lambda s, local_init: flow.client_training(
+        model, s, data, count, jax.random.key(4), optimizer=optax.sgd(LR, momentum=0.9), batch_size=4, epochs=1,
+        regularization=LAMBDA, local_discount=BETA, local_init=local_init)[0], static_argnums=1)
+    every = run(model.states, "every_round")
+    assert_trees_close(every, run((g, routing.local_from_global(g, l), r), "independent"), rtol=1e-6, atol=1e-7)
+    other_local = jax.tree.map(lambda x: x + 1.0, l)
+    assert_trees_close(run((g, other_local, r), "every_round"), every, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(run(model.states, "independent")[1]["dense1"]["local"]["kernel"],
+                           every[1]["dense1"]["local"]["kernel"])
+    with pytest.raises(InputError, match="local_init"):
+        flow.flow(model, local_init="never", **options())
+
+
+def test_client_adapted_evaluation_is_the_released_protocol(setup):
+    """evaluation="client_adapted": after the local phase, φ and θ_g train together along the routed path
+    (one batch, plain SGD: one step from the same point with the routed loss's gradients); the generalized model is
+    θ_g after the first epoch (here the only one) and the personalized one is routed with hard decisions, not the
+    server's θ_g (which the server-model protocol scores: test_forced_routing_evaluates_as_the_pure_paths)."""
+    model, train, test = setup
+    (tr, trn), (te, ten) = client(train, 0, batch_size=8), client(test, 0, batch_size=8)
+    key = jax.random.key(6)
+    sgd = dict(client_optimizer=optax.sgd(LR), server_optimizer=optax.sgd(1.0), batch_size=4, local_epochs=1)
+    adapted = flow.flow(model, regularization=LAMBDA, evaluation="client_adapted", **sgd)
+    groups = jax.jit(adapted.evaluate_client)({}, model.states, tr, trn, te, ten, jnp.int32(0), key)
+
+    g, l, r = model.states
+    (local_half, n_local), (global_half, n_global) = flow.split_halves(tr, trn, jax.random.split(key, 3)[0])
+    local_batch, global_batch = full_batch(local_half, n_local), full_batch(global_half, n_global)
+
+    def routed_loss(gp, l):
+        logits, probs = model.apply((gp[0], l, gp[1]), global_batch, mode="routed")
+        regularizer = jnp.sum(global_batch["mask"][:, None] * -jnp.log(
+            probs[..., 0] ** 2 + BETA * probs[..., 1] ** 2 + 1e-6)) / (4 * jnp.sum(global_batch["mask"]))
+        return cross_entropy(logits, global_batch) + LAMBDA * regularizer
+
+    @jax.jit
+    def expected():
+        l_grad = jax.grad(lambda l: cross_entropy(model.apply((g, l, r), local_batch, mode="local")[0],
+                                                  local_batch))(l)
+        l1 = jax.tree.map(lambda p, d: p - LR * d, l, l_grad)
+        g1, r1 = jax.tree.map(lambda p, d: p - LR * d, (g, r), jax.grad(routed_loss)((g, r), l1))
+        batch = full_batch(te, ten)
+        return (model.apply((g1, l1, r1), batch, mode="global")[0],
+                model.apply((g1, l1, r1), batch, mode="routed", hard=True)[0], model.apply(model.states, batch,
+                                                                                            mode="global")[0])
+
+    adapted_global, personal, server_global = expected()
+    labels, real = np.asarray(te["label"]), np.arange(8) < int(ten)
+    right = lambda logits: float(np.sum((np.argmax(logits, -1) == labels) & real))
+    assert float(groups["generalized"]["correct"]) == right(adapted_global)
+    assert float(groups["personalized"]["correct"]) == right(personal)
+    loss = lambda logits: float(cross_entropy(logits, full_batch(te, ten)) * ten)
+    np.testing.assert_allclose(float(groups["generalized"]["loss"]), loss(adapted_global), rtol=1e-4)
+    assert not np.isclose(float(groups["generalized"]["loss"]), loss(server_global))
+
+
+def test_client_adapted_generalized_model_is_the_copy_after_the_first_epoch(setup):
+    """With several epochs, the generalized model is θ_g after the first epoch of the adaptation, not the last
+    (with one epoch they coincide)."""
+    model, train, _ = setup
+    data, count = client(train, 3)
+    run = jax.jit(lambda s, epochs: flow.client_training(
+        model, s, data, count, jax.random.key(2), optimizer=optax.sgd(LR, momentum=0.9), batch_size=4,
+        epochs=epochs, regularization=LAMBDA, local_discount=BETA, phase2="adapt"), static_argnums=1)
+    kernel = lambda theta_g: np.asarray(theta_g["dense2"]["global_"]["kernel"])
+    three, metrics = run(model.states, 3)
+    assert not np.allclose(kernel(metrics["adapted_global"]), kernel(three[0]))
+    assert not np.allclose(kernel(metrics["adapted_global"]), kernel(model.states[0]))
+    one, metrics = run(model.states, 1)
+    assert_trees_close(metrics["adapted_global"], one[0], rtol=0, atol=0)
+
+
+def test_routing_groups_count_local_decisions_per_kind_of_instance():
+    rng = np.random.default_rng(0)
+    decisions = jax.nn.one_hot(rng.integers(0, 2, (6, 4)), 2)                  # [B, P, 2]
+    weights = jnp.array([1, 1, 1, 1, 1, 0], jnp.float32)                         # last row is padding
+    batch = {"changed": jnp.array([1, 0, 1, 0, 1, 1], jnp.float32)}
+    groups = flow.routing_groups(decisions, weights, batch, ("changed",))
+    local = np.asarray(decisions[..., 1])
+    tagged = np.asarray(weights) * np.asarray(batch["changed"])
+    assert float(groups["routing_changed"]["count"]) == 3.0
+    for k in range(4):
+        assert float(groups["routing"][f"local_{k}"]) == float(np.sum(np.asarray(weights) * local[:, k]))
+        assert float(groups["routing_changed"][f"local_{k}"]) == float(np.sum(tagged * local[:, k]))
+    with pytest.raises(InputError, match="rare"):
+        flow.routing_groups(decisions, weights, batch, ("rare",))
+
+
 def test_forced_routing_evaluates_as_the_pure_paths(setup, flow_algorithm):
     """Through evaluate_client (personalization included): every decision forced global gives exactly the global
     model's sums; forced local gives the local path with the personalized local parameters."""
@@ -136,7 +307,7 @@ def test_forced_routing_evaluates_as_the_pure_paths(setup, flow_algorithm):
     groups = evaluate({}, forced, tr, trn, te, ten, jnp.int32(0), key)
     personal, _ = jax.jit(lambda s: flow.client_training(
         model, s, tr, trn, key, optimizer=options()["client_optimizer"], batch_size=4, epochs=1,
-        regularization=LAMBDA, local_discount=BETA, train_global=False))(forced)
+        regularization=LAMBDA, local_discount=BETA, phase2="router"))(forced)
     assert not np.allclose(personal[1]["dense2"]["local"]["kernel"], l["dense2"]["local"]["kernel"])
     local_logits = apply((g, personal[1], r), batch, mode="local")[0]
     np.testing.assert_allclose(float(groups["personalized"]["correct"]), correct(local_logits))

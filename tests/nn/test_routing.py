@@ -136,6 +136,40 @@ def test_soft_and_hard_routing_equal_the_reference_mixture(cnn):
     np.testing.assert_allclose(hard_logits, reference_cnn(g, l, decisions, batch["x"]), rtol=1e-5, atol=1e-5)
 
 
+def test_local_from_global_makes_every_path_the_global_path(cnn):
+    """After θ_l := θ_g (Flow's local_init), the local path and every routed mixture compute the global path; the
+    global copies, the router and θ_l's structure are unchanged, and each local leaf is its global counterpart."""
+    model, batch = cnn
+    g, l, r = model.states
+    copied = routing.local_from_global(g, l)
+    assert jax.tree.structure(copied) == jax.tree.structure(l)
+    for name in ROUTED_LAYERS:
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(copied[name]["local"][leaf], g[name]["global_"][leaf])
+    states = (g, copied, r)
+    global_logits = model.apply(states, batch, mode="global")[0]
+    np.testing.assert_allclose(model.apply(states, batch, mode="local")[0], global_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.apply(states, batch, mode="routed")[0], global_logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model.apply(model.states, batch, mode="local")[0], global_logits)
+    with pytest.raises(ValueError, match="no global counterpart"):
+        routing.local_from_global({"conv1": g["conv1"]}, l)
+    wrong = {**g, "dense2": {"global_": {**g["dense2"]["global_"], "bias": jnp.zeros(3)}}}
+    with pytest.raises(ValueError, match="differ"):
+        routing.local_from_global(wrong, l)
+
+
+def test_local_from_global_reaches_layers_inside_lists():
+    """ResNet stages live in an nnx.List (integer keys in the pure dicts); the stem norm is shared (global only)."""
+    resnet = abstract_model(lambda rngs: routed_models.RoutedResNet((8, 8, 3), 10, widths=(4, 8), blocks=(1, 1),
+                                                              stem="cifar", router_hidden=(8, 8, 4), rngs=rngs),
+                            objective=classification_objective, num_points=4, make_task=objective_task)
+    g, l, _ = resnet.states
+    copied = routing.local_from_global(g, l)
+    assert set(copied) == set(l) == {"stem", "stages", "fc"}
+    for stage in l["stages"]:
+        jax.tree.map(np.testing.assert_array_equal, copied["stages"][stage]["local"], g["stages"][stage]["global_"])
+
+
 def test_routed_wrapper_mixes_any_layer():
     layer = routing.Routed(lambda r: nnx.Linear(5, 3, rngs=r), rngs=nnx.Rngs(1))
     rng = np.random.default_rng(2)
