@@ -473,7 +473,7 @@ def test_divergence_keeps_finite_checkpoints_and_a_branch_resumes(tmp_path):
 
 def test_ctrl_c_is_one_line_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    long_run = [*RUN[:-3], "--config.num_rounds=1000000", "--config.fl.checkpoint_every=5"]   # never finishes first
+    long_run = [*RUN[:-3], "--config.num_rounds=2000", "--config.fl.checkpoint_every=5"]
     process = subprocess.Popen([PY, "-m", "spryjax.main", *long_run, f"--workdir={workdir}"], cwd=REPO,
                                env={**os.environ, "SPRYJAX_PROGRESS": "0"}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
