@@ -82,8 +82,8 @@ def text_classification_dataset(*, path: str, text_column: str, label_column: st
     label, label_names = _class_ids(_column(table, label_column), what, label_column)
     arrays = {**texts, "label": label}
     if client_column:
-        _, arrays["client"] = np.unique(_column(table, client_column).astype(str), return_inverse=True)
-        arrays["client"] = arrays["client"].astype(np.int32)
+        _, client_ids = np.unique(_column(table, client_column).astype(str), return_inverse=True)
+        arrays["client"] = client_ids.astype(np.int32)
     held_out = min(max(round(test_fraction * len(label)), 1), len(label) - 1)   # both splits have a row
     test = np.zeros(len(label), bool)
     test[np.random.default_rng(seed).permutation(len(label))[:held_out]] = True
